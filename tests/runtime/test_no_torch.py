@@ -1,0 +1,38 @@
+"""The runtime must import and run on a device without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import write_bundle
+
+
+def test_runtime_never_imports_torch(tmp_path: Path) -> None:
+    root = write_bundle(tmp_path / "b", size=(64, 64), encoder=True)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        import vlexport.runtime as vr
+        assert "torch" not in sys.modules, "import vlexport.runtime pulled in torch"
+        assert "cv2" not in sys.modules and "onnxruntime" not in sys.modules, "heavy imports should be lazy"
+        from vlexport.runtime import draw, video, preprocess, postprocess, results
+        from vlexport.runtime.backends import create_backend, describe_backends
+        from vlexport.runtime.tasks.detect import DetectTask
+        from vlexport.runtime.tasks.embed import EmbedTask
+        describe_backends()
+        frame = np.zeros((48, 80, 3), np.uint8)
+        det = vr.load({str(root)!r})
+        draw.draw_detections(frame, det.detect(frame))
+        vr.load({str(root)!r}, task="embed").embed(frame)
+        bad = [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+        assert not bad, bad
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")

@@ -1,0 +1,229 @@
+"""The `vlexport` command line. Every command is one call into the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from vlexport import __version__
+from vlexport.errors import DependencyError, VlexportError
+
+log = logging.getLogger("vlexport")
+
+
+class _Group(click.Group):
+    """Turns user errors into one line and exit 1, Ctrl-C into exit 130; bugs keep their traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except VlexportError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("vlexport")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _require_export_extra() -> None:
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise DependencyError(
+            f"exporting needs the export extra ({e.name} is missing): pip install 'vlexport[export]'"
+        ) from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vlexport")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Export vision-language models to ONNX bundles and run them on images and video.
+
+    \b
+    Examples:
+      vlexport kdeov --fp16                       # export KDEOV (YOLOv8n + CLIP ViT-B-32 text)
+      vlexport inspect bundles/kdeov-yolov8n-vitb32
+      vlexport run bundles/kdeov-yolov8n-vitb32 --source video.mp4 --save out.mp4 --jsonl out.jsonl
+    """
+    _setup_logging(verbose, quiet)
+
+
+# --------------------------------------------------------------------------- export: kdeov
+def _vocabulary(classes: str | None, vocab: str | None) -> list[str] | None:
+    if classes is None and vocab is None:
+        return None
+    from vlexport.models.text import parse_vocabulary
+
+    return parse_vocabulary(classes, vocab)
+
+
+@cli.command("kdeov")
+@click.option("--preset", default="yolov8n-vitb32", show_default=True,
+              help="Model preset: tiny, yolov8n-vitb32, yolov5s-vitb32.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="KDEOV student checkpoint (from `vlexport train-kdeov`).")
+@click.option("--backbone", type=click.Choice(["yolov8n", "yolov5s", "simple"]), help="Student backbone (default: the preset's).")
+@click.option("--backbone-weights", type=click.Path(path_type=Path),
+              help="Ultralytics detection checkpoint to initialise the backbone (and its box head).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow loading pickled (Ultralytics) checkpoints: runs code from the file.")
+@click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/kdeov-PRESET].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--imgsz", type=int, help="Square input size, a multiple of 32 (default: the preset's).")
+@click.option("--classes", help='Comma-separated class names, e.g. "person,car,dog" [default: the 80 COCO names].')
+@click.option("--vocab", type=click.Path(path_type=Path), help="File with one class name per line.")
+@click.option("--templates", default="imagenet80", show_default=True,
+              help="Prompt templates: imagenet80 (the 80 CLIP ImageNet templates), single, or a file (one per line, with {}).")
+@click.option("--clip-model", help="open_clip model of the frozen text tower (default: the preset's, ViT-B-32).")
+@click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai).")
+@click.option("--boxes", "box_source", type=click.Choice(["grid", "yolo"]),
+              help="Box source: grid default boxes, or the YOLOv8 head's own regression.")
+@click.option("--fp16", is_flag=True, help="Also write FP16 graphs (FP32 inputs/outputs, fragile ops kept in FP32).")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
+@click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch axis (default: batch 1).")
+@click.option("--with-text-encoder", is_flag=True, help="Also export the text tower as part `text_encoder`.")
+@click.option("--vocab-mode", type=click.Choice(["baked", "input"]), default="baked", show_default=True,
+              help="baked: class embeddings are a graph constant; input: a graph input (swap vocabularies without re-export).")
+@click.option("--val", "parity_source", help="Images (folder, image or video) for the parity check [default: synthetic images].")
+@click.option("--score-threshold", default=0.25, show_default=True, type=float)
+@click.option("--iou-threshold", default=0.5, show_default=True, type=float)
+@click.option("--max-detections", default=300, show_default=True, type=int)
+def kdeov_cmd(**kw) -> None:
+    """Export a KDEOV open-vocabulary detector (parts: detector, image_encoder[, text_encoder]).
+
+    \b
+    Examples:
+      vlexport kdeov --fp16
+      vlexport kdeov --classes "person,bus,car" --out bundles/street --fp16
+      vlexport kdeov --backbone-weights yolov8n.pt --trust-checkpoint --boxes yolo
+      vlexport kdeov --preset tiny --out /tmp/tiny      # seconds, random weights (tests)
+    """
+    _require_export_extra()
+    from vlexport.export.kdeov import KDEOVExportOptions, export_kdeov
+
+    classes = _vocabulary(kw.pop("classes"), kw.pop("vocab"))
+    out = kw.pop("out") or Path("bundles") / f"kdeov-{kw['preset']}"
+    opts = KDEOVExportOptions(out=out, classes=classes, **kw)
+    report = export_kdeov(opts)
+    _print_export_report(report)
+
+
+def _print_export_report(report) -> None:
+    click.secho(f"bundle written: {report.path}  ({report.seconds:.1f} s)", fg="green")
+    for key, outs in report.parity.items():
+        figures = ", ".join(
+            f"{name} " + " ".join(f"{k}={v:.3g}" for k, v in m.items() if k in ("max_abs", "cosine", "agreement"))
+            for name, m in outs.items()
+        )
+        click.echo(f"  parity {key:<22} {figures}")
+
+
+# --------------------------------------------------------------------------- training
+@cli.command("train-kdeov")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of training images.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint to write (.pt, tensors only).")
+@click.option("--preset", default="yolov8n-vitb32", show_default=True)
+@click.option("--backbone-weights", type=click.Path(path_type=Path), help="Ultralytics checkpoint to start the backbone from.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow loading pickled (Ultralytics) checkpoints.")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--imgsz", type=int, help="Training image size (default: the preset's).")
+def train_kdeov_cmd(images: Path, out: Path, preset: str, backbone_weights: Path | None, trust_checkpoint: bool,
+                    steps: int, batch_size: int, lr: float, imgsz: int | None) -> None:
+    """Distil the frozen CLIP image tower into the KDEOV student on a folder of images (CPU is fine).
+
+    \b
+    Example:
+      vlexport train-kdeov --images coco128/images/train2017 --preset tiny --steps 50 --out student.pt
+      vlexport kdeov --checkpoint student.pt --fp16
+    """
+    _require_export_extra()
+    from vlexport.models.train import train_kdeov_on_folder
+
+    history = train_kdeov_on_folder(images, out, preset=preset, backbone_weights=backbone_weights,
+                                    trust_checkpoint=trust_checkpoint, steps=steps, batch_size=batch_size,
+                                    lr=lr, image_size=imgsz)
+    click.secho(f"checkpoint written: {out}  (loss {history[0]:.4f} → {history[-1]:.4f} over {len(history)} steps)", fg="green")
+
+
+# --------------------------------------------------------------------------- inspect
+@cli.command("inspect")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check every file's sha256.")
+def inspect_cmd(bundle: Path, as_json: bool, verify: bool) -> None:
+    """Show what a bundle holds: parts, tensors, files, vocabulary, parity, backends.
+
+    \b
+    Example:
+      vlexport inspect bundles/kdeov-yolov8n-vitb32
+    """
+    from vlexport.runtime.bundle import Bundle
+    from vlexport.runtime.inspect import describe_bundle
+
+    b = Bundle.open(bundle)
+    if verify:
+        b.verify_all()
+    if as_json:
+        click.echo(json.dumps(b.manifest, indent=2))
+        return
+    click.echo(describe_bundle(b, verified=verify))
+
+
+# --------------------------------------------------------------------------- run
+@cli.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--source", required=True, help="Image, folder of images, glob, video file, camera index or stream URL.")
+@click.option("--save", type=click.Path(path_type=Path), help="Write an annotated video (or image, for a single image).")
+@click.option("--jsonl", type=click.Path(path_type=Path), help="Write one JSON record per frame.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Default: the fastest the bundle has for this device.")
+@click.option("--backend", type=click.Choice(["onnxruntime"]), help="Inference backend (default: best available).")
+@click.option("--threads", type=click.IntRange(1), help="Inference threads (CPU).")
+@click.option("--score-threshold", type=float, help="Override the bundle's score threshold.")
+@click.option("--iou-threshold", type=float, help="Override the bundle's NMS IoU threshold.")
+@click.option("--max-detections", type=int, help="Override the bundle's maximum detections per frame.")
+@click.option("--show", is_flag=True, help="Show the annotated frames in a window.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def run_cmd(bundle: Path, source: str, save: Path | None, jsonl: Path | None, precision: str | None,
+            backend: str | None, threads: int | None, score_threshold: float | None, iou_threshold: float | None,
+            max_detections: int | None, show: bool, no_progress: bool) -> None:
+    """Run a bundle on images or video; write an annotated video and/or JSONL.
+
+    \b
+    Examples:
+      vlexport run bundles/kdeov-yolov8n-vitb32 --source bus.jpg --save bus_annotated.jpg
+      vlexport run bundles/kdeov-yolov8n-vitb32 --source traffic.mp4 --save out.mp4 --jsonl out.jsonl
+    """
+    from vlexport import runtime
+    from vlexport.runtime.video import run_on_source
+
+    overrides = {k: v for k, v in {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
+                                   "max_detections": max_detections}.items() if v is not None}
+    task = runtime.load(bundle, precision=precision, backend=backend, threads=threads, **overrides)
+    stats = run_on_source(task, source, save=save, jsonl=jsonl, progress=not no_progress, show=show)
+    click.echo(stats.summary())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="vlexport")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""FP32 ONNX → FP16 ONNX with FP32 inputs/outputs and numerically fragile ops kept in FP32."""
+
+from __future__ import annotations
+
+import onnx
+
+# Operations whose FP16 result overflows or loses too much precision: normalisations
+# (sums of squares), softmax and exponentials, and the reductions/divisions of L2 norms.
+FRAGILE_OPS = (
+    "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal",
+    "ReduceL2", "ReduceSumSquare", "ReduceMean", "ReduceSum",
+    "LayerNormalization", "GroupNormalization", "InstanceNormalization",
+    "Div", "Erf",
+)
+
+
+def convert_to_fp16(model: onnx.ModelProto, *, keep_fp32_ops: tuple[str, ...] = FRAGILE_OPS) -> onnx.ModelProto:
+    """Convert weights and activations to FP16, keeping graph inputs/outputs and ``keep_fp32_ops`` in FP32.
+
+    Uses onnxruntime's maintained converter, which inserts the Cast nodes at the FP16/FP32
+    boundaries. The result runs on onnxruntime's CPU provider as well as on GPUs.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=list(keep_fp32_ops),
+        disable_shape_infer=False,
+    )
+    # When one tensor feeds several FP32-kept nodes, the converter inserts the same Cast once
+    # per consumer (same name, same output): keep one of each.
+    drop_duplicate_nodes(converted.graph)
+    # It also appends its Cast nodes at the end of the node list; onnxruntime does not mind,
+    # but the ONNX checker (and some TensorRT parsers) require topological order.
+    topological_sort(converted.graph)
+    return converted
+
+
+def drop_duplicate_nodes(graph: onnx.GraphProto) -> None:
+    """Remove exact duplicates (same op, inputs, outputs, attributes) of an earlier node."""
+    seen: dict[tuple[str, ...], bytes] = {}
+    kept = []
+    for node in graph.node:
+        key = tuple(node.output)
+        blob = node.SerializeToString()
+        if key in seen:
+            if seen[key] != blob:
+                raise ValueError(f"two different nodes produce {list(node.output)}")
+            continue
+        seen[key] = blob
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` in place so that every node comes after the producers of its inputs."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    produced_by_graph = {o for n in graph.node for o in n.output}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progressed = False
+        rest = []
+        for node in pending:
+            # Inputs produced nowhere in this graph come from an outer scope: treat as available.
+            if all(i in available or i not in produced_by_graph for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                progressed = True
+            else:
+                rest.append(node)
+        if not progressed:
+            raise ValueError("the graph has a cycle: cannot order its nodes")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)

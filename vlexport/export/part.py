@@ -1,0 +1,55 @@
+"""Declarative description of one exported graph (in the spirit of optimum's export configs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vlexport.runtime.spec import PartIO
+
+
+@dataclass(frozen=True)
+class OutputTolerance:
+    """What counts as a faithful export for one output, per precision.
+
+    ``max_abs`` bounds the largest element-wise error against PyTorch; ``min_cosine`` bounds
+    the cosine similarity of the flattened tensors; ``min_agreement`` is for integer outputs
+    (fraction of equal elements). ``None`` means "record, do not gate".
+    """
+
+    max_abs: float | None = None
+    min_cosine: float | None = None
+    min_agreement: float | None = None
+
+
+@dataclass
+class Part:
+    """One ONNX graph: a torch module whose positional inputs/outputs follow ``io``.
+
+    ``make_inputs(images)`` turns a pre-processed image batch (float32 [B,3,H,W]) into the
+    module's positional example inputs, so parity runs on real pictures when it can.
+    ``tolerances`` maps precision → output name → tolerance.
+    """
+
+    name: str
+    module: torch.nn.Module
+    io: PartIO
+    make_inputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    tolerances: dict[str, dict[str, OutputTolerance]] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.io.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.io.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {}
+        for spec in (*self.io.inputs, *self.io.outputs):
+            if spec.dynamic_axes:
+                axes[spec.name] = spec.dynamic_axes
+        return axes

@@ -1,0 +1,74 @@
+"""Human-readable description of a bundle (for `vlexport inspect`)."""
+
+from __future__ import annotations
+
+from vlexport.runtime.bundle import Bundle
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _shape(spec: dict) -> str:
+    return "[" + ", ".join(str(d) for d in spec["shape"]) + "]"
+
+
+def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
+    """A few screens of text: identity, provenance, pre/post-processing, parts, parity, backend."""
+    m = bundle.manifest
+    lines = [f"bundle     {bundle.root}",
+             f"family     {m['family']}   task {m['task']}   preset {m.get('preset', '?')}",
+             f"created    {m.get('created', '?')} by vlexport {m.get('vlexport', '?')}   schema {m['schema']}"]
+    prov = m.get("provenance", {})
+    if prov:
+        lines.append(f"exported   torch {prov.get('torch')}  onnx {prov.get('onnx')}  opset {prov.get('opset')}")
+        te = prov.get("text_encoder")
+        if te:
+            state = "pretrained" if te.get("trained") else "UNTRAINED (random weights)"
+            lines.append(f"text tower {te.get('model')} / {te.get('pretrained')}: {state}, sha256 {str(te.get('weights_sha256'))[:12]}…")
+        if "student_trained" in prov:
+            lines.append(f"student    {'checkpoint ' + str(prov.get('checkpoint')) if prov.get('student_trained') else 'UNTRAINED (no checkpoint)'}")
+    pre = m["preprocess"]
+    lines.append(f"preprocess {pre.get('resize')} to {pre.get('size')} pad {pre.get('pad_value')}, {pre.get('color')}, "
+                 f"scale {pre.get('scale'):.6g}, mean {pre.get('mean')}, std {pre.get('std')}")
+    post = m.get("postprocess") or {}
+    if post:
+        lines.append("postprocess " + ", ".join(f"{k} {v}" for k, v in post.items()))
+    vocab = m.get("vocabulary") or {}
+    if vocab:
+        classes = vocab.get("classes", [])
+        head = ", ".join(classes[:8]) + (f", … ({len(classes)} in all)" if len(classes) > 8 else "")
+        lines.append(f"vocabulary {len(classes)} classes, templates {vocab.get('templates')}, mode {vocab.get('mode')}: {head}")
+    lines.append("parts")
+    for name, part in m["parts"].items():
+        ins = ", ".join(f"{s['name']} {s['dtype']}{_shape(s)}" for s in part["inputs"])
+        outs = ", ".join(f"{s['name']} {s['dtype']}{_shape(s)}" for s in part["outputs"])
+        lines.append(f"  {name}: {ins} → {outs}")
+        for prec, rel in part.get("files", {}).items():
+            path = bundle.path_of(rel)
+            size = _fmt_size(path.stat().st_size) if path.is_file() else "MISSING"
+            lines.append(f"    {prec:<5} {rel} ({size})")
+        for key, eng in (part.get("engines") or {}).items():
+            lines.append(f"    engine {key}: {eng}")
+    parity = (m.get("validation") or {}).get("parity") or {}
+    if parity:
+        lines.append("parity vs PyTorch")
+        for key, outs in parity.items():
+            figs = "; ".join(f"{o}: " + " ".join(f"{k} {v:.3g}" for k, v in vals.items() if k in ("max_abs", "cosine", "agreement"))
+                             for o, vals in outs.items())
+            lines.append(f"  {key:<24} {figs}")
+    for w in m.get("warnings") or []:
+        lines.append(f"warning    {w}")
+    lines.append(f"files      {len(m['files'])} listed" + (", all sha256 verified" if verified else " (not verified)"))
+    try:
+        from vlexport.runtime.backends import describe_backends
+
+        usable = [b["name"] for b in describe_backends() if b.get("available")]
+        lines.append(f"backend    would use {usable[0] if usable else 'none'} (available: {', '.join(usable) or 'none'})")
+    except ImportError:
+        pass
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Typed task results, validated on construction ("got shape X, expected Y")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FrameStamp", "Detections", "Embedding"]
+
+_DECIMALS = 2  # JSON pixel coordinates: centi-pixels are plenty
+_SCORE_DECIMALS = 4
+
+
+@dataclass(frozen=True)
+class FrameStamp:
+    """Where a frame came from in time: its index in the source and when it was acquired."""
+
+    index: int
+    t_monotonic: float
+    t_wall: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "frame": int(self.index),
+            "t_monotonic": round(float(self.t_monotonic), 6),
+            "t_wall": round(float(self.t_wall), 6),
+        }
+
+
+def _as_array(name: str, value: Any, dtype: Any, shape_desc: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: got dtype {arr.dtype}, expected a numeric array {shape_desc}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+@dataclass
+class Detections:
+    """Detections in one frame: xyxy boxes in source-image pixels, scores, class ids and labels."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+    labels: list[str] = field(default_factory=list)
+    stamp: FrameStamp | None = None
+
+    def __post_init__(self) -> None:
+        self.boxes = _as_array("boxes", self.boxes, np.float32, "[K, 4]")
+        if self.boxes.ndim != 2 or self.boxes.shape[1] != 4:
+            # An empty list of boxes is the one shape we accept loosely: no detections.
+            if self.boxes.size == 0:
+                self.boxes = self.boxes.reshape(0, 4)
+            else:
+                raise ValueError(f"boxes: got shape {tuple(self.boxes.shape)}, expected (K, 4)")
+        k = self.boxes.shape[0]
+        self.scores = _as_array("scores", self.scores, np.float32, "[K]")
+        if self.scores.shape != (k,):
+            raise ValueError(f"scores: got shape {tuple(self.scores.shape)}, expected ({k},)")
+        cls = np.asarray(self.class_ids)
+        if cls.size and cls.dtype.kind not in "iu":
+            raise ValueError(f"class_ids: got dtype {cls.dtype}, expected an integer array")
+        self.class_ids = np.ascontiguousarray(cls, dtype=np.int64)
+        if self.class_ids.shape != (k,):
+            raise ValueError(f"class_ids: got shape {tuple(self.class_ids.shape)}, expected ({k},)")
+        self.labels = list(self.labels)
+        if len(self.labels) != k:
+            raise ValueError(f"labels: got {len(self.labels)} labels, expected {k}")
+        if self.stamp is not None and not isinstance(self.stamp, FrameStamp):
+            raise ValueError(f"stamp: got {type(self.stamp).__name__}, expected FrameStamp or None")
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @classmethod
+    def empty(cls, stamp: FrameStamp | None = None) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64), [], stamp)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON-safe dict per detection: box (rounded), score, class_id, label."""
+        boxes = np.round(self.boxes.astype(np.float64), _DECIMALS).tolist()
+        scores = np.round(self.scores.astype(np.float64), _SCORE_DECIMALS).tolist()
+        return [
+            {"box": b, "score": s, "class_id": int(c), "label": str(lab)}
+            for b, s, c, lab in zip(boxes, scores, self.class_ids.tolist(), self.labels)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: the stamp's fields (when there is one) and ``detections``."""
+        out: dict[str, Any] = self.stamp.to_dict() if self.stamp is not None else {}
+        out["detections"] = self.records()
+        return out
+
+
+@dataclass
+class Embedding:
+    """One image embedding: a 1-D float32 vector (L2-normalised by the exported graph)."""
+
+    vector: np.ndarray
+    stamp: FrameStamp | None = None
+
+    def __post_init__(self) -> None:
+        self.vector = _as_array("vector", self.vector, np.float32, "[D]")
+        if self.vector.ndim != 1 or self.vector.shape[0] == 0:
+            raise ValueError(f"vector: got shape {tuple(self.vector.shape)}, expected (D,) with D > 0")
+        if self.stamp is not None and not isinstance(self.stamp, FrameStamp):
+            raise ValueError(f"stamp: got {type(self.stamp).__name__}, expected FrameStamp or None")
+
+    def __len__(self) -> int:
+        return int(self.vector.shape[0])
+
+    def to_dict(self, decimals: int = 6) -> dict[str, Any]:
+        out: dict[str, Any] = self.stamp.to_dict() if self.stamp is not None else {}
+        out["embedding"] = np.round(self.vector.astype(np.float64), decimals).tolist()
+        return out

@@ -1,0 +1,139 @@
+"""Shared machinery of the tasks: choose a part file, verify it, load a backend, pre-process."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from vlexport.errors import BundleError, UsageError
+from vlexport.runtime.backends import Backend, create_backend, has_accelerator
+from vlexport.runtime.bundle import PRECISIONS, Bundle
+from vlexport.runtime.preprocess import Preprocessor
+from vlexport.runtime.spec import TensorSpec
+
+__all__ = ["PartTask", "choose_precision", "IMAGE_INPUT"]
+
+IMAGE_INPUT = "images"
+
+# fp16 is emulated (slow) on CPU; on a GPU it is the fast float path.
+_CPU_ORDER = ("int8", "fp32", "fp16")
+_GPU_ORDER = ("int8", "fp16", "fp32")
+
+
+def choose_precision(available: Sequence[str], requested: str | None, accelerated: bool, where: str) -> str:
+    """The precision to load: ``requested`` if the bundle has it, else the best one for the device."""
+    if requested is not None:
+        if requested not in PRECISIONS:
+            raise UsageError(f"unknown precision {requested!r}; choose one of {list(PRECISIONS)}")
+        if requested not in available:
+            raise BundleError(f"{where} has no {requested} file; it has {list(available)}")
+        return requested
+    for p in _GPU_ORDER if accelerated else _CPU_ORDER:
+        if p in available:
+            return p
+    raise BundleError(f"{where} lists no model files")
+
+
+class PartTask:
+    """Loads one part of a bundle on a backend, with the bundle's pre-processing."""
+
+    part_name: str = ""
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        precision: str | None = None,
+        backend: str | None = None,
+        threads: int | None = None,
+    ):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.part = self.bundle.part(self.part_name)
+        where = f"{self.bundle.root}: part {self.part_name!r}"
+        # Resolve the backend name first so that a bad name fails before any hashing.
+        self.precision = choose_precision(self.part.precisions, precision, has_accelerator(backend), where)
+        self.model_path = self.bundle.verify(self.part.files[self.precision])
+        self.preprocessor = Preprocessor(self.bundle.preprocess)
+        self.backend: Backend = create_backend(self.model_path, backend=backend, threads=threads)
+        try:
+            self._check_io(where)
+        except BaseException:
+            self.backend.close()
+            raise
+        spec = self._input_spec(IMAGE_INPUT)
+        # A graph exported with a fixed batch of N takes the frames N at a time.
+        self._max_batch: int | None = spec.shape[0] if isinstance(spec.shape[0], int) else None
+        self.timings: dict[str, float] = {}
+
+    # -- checks ------------------------------------------------------------------------
+    def _check_io(self, where: str) -> None:
+        declared = {s.name for s in self.part.io.inputs}
+        actual = {s.name for s in self.backend.inputs}
+        if declared and declared != actual:
+            raise BundleError(
+                f"{where}: the manifest declares inputs {sorted(declared)} but the model has {sorted(actual)}"
+            )
+        if IMAGE_INPUT not in actual:
+            raise BundleError(f"{where}: the model has no {IMAGE_INPUT!r} input (it has {sorted(actual)})")
+        shape = self._input_spec(IMAGE_INPUT).shape
+        if (
+            len(shape) != 4
+            or shape[1] not in (3, "channels")
+            or any(isinstance(d, int) and d != s for d, s in zip(shape[2:], self.preprocessor.size))
+        ):
+            raise BundleError(
+                f"{where}: input {IMAGE_INPUT!r} has shape {shape}, which does not fit the "
+                f"manifest's preprocess size {list(self.preprocessor.size)}"
+            )
+
+    def _input_spec(self, name: str) -> TensorSpec:
+        for s in self.backend.inputs:
+            if s.name == name:
+                return s
+        raise BundleError(f"{self.bundle.root}: the model has no input {name!r}")
+
+    def _chunks(self, n: int) -> list[slice]:
+        step = n if self._max_batch is None else self._max_batch
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    # -- description and lifetime -------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What is loaded where: bundle, part, precision, file, backend and its device."""
+        return {
+            "bundle": str(self.bundle.root),
+            "family": self.bundle.family,
+            "task": self.bundle.task,
+            "part": self.part_name,
+            "precision": self.precision,
+            "file": str(self.model_path),
+            "backend": self.backend.name,
+            "device": self.backend.device,
+            "providers": list(getattr(self.backend, "providers", [])),
+        }
+
+    def close(self) -> None:
+        """Release the backend."""
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        name, device = self.bundle.root.name, self.backend.device
+        return f"{type(self).__name__}({name!r}, precision={self.precision!r}, device={device!r})"
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1e3
+
+
+def stack_feeds(tensor: np.ndarray, extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    feeds = {IMAGE_INPUT: tensor}
+    feeds.update(extra)
+    return feeds

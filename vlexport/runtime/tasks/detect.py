@@ -1,0 +1,192 @@
+"""Open-vocabulary (or fixed-class) detection from a bundle's ``detector`` part."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from vlexport.errors import BundleError, UsageError
+from vlexport.runtime.bundle import Bundle
+from vlexport.runtime.postprocess import select_detections
+from vlexport.runtime.preprocess import LetterboxInfo, check_image, scale_boxes_to_source
+from vlexport.runtime.results import Detections, FrameStamp
+from vlexport.runtime.tasks.base import PartTask, now_ms, stack_feeds
+
+__all__ = ["DetectTask"]
+
+TEXT_INPUT = "text_embeddings"
+_OUTPUTS = ("boxes", "scores", "class_ids")
+_DEFAULTS: dict[str, Any] = {
+    "score_threshold": 0.25,
+    "iou_threshold": 0.5,
+    "max_detections": 300,
+    "class_agnostic": False,
+}
+
+
+class DetectTask(PartTask):
+    """Frames in (BGR uint8), :class:`Detections` out, all settings from the bundle's manifest.
+
+    ``overrides`` replace the manifest's post-processing settings: ``score_threshold``,
+    ``iou_threshold``, ``max_detections``, ``class_agnostic`` (a value of None keeps the manifest's).
+    After each call :attr:`timings` holds the milliseconds spent per stage.
+    """
+
+    part_name = "detector"
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        precision: str | None = None,
+        backend: str | None = None,
+        threads: int | None = None,
+        **overrides: Any,
+    ):
+        bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        # Validate the cheap things before hashing and loading the model.
+        post = _postprocess_settings(bundle.postprocess, overrides)
+        super().__init__(bundle, precision=precision, backend=backend, threads=threads)
+        self.settings: dict[str, Any] = post
+        vocab = self.bundle.manifest.get("vocabulary") or {}
+        self.vocab_mode: str = vocab.get("mode", "baked")
+        self.classes: list[str] = self.bundle.classes
+        self._extra: dict[str, np.ndarray] = {}
+        has_text_input = any(s.name == TEXT_INPUT for s in self.backend.inputs)
+        try:
+            if self.vocab_mode == "input":
+                if not has_text_input:
+                    raise BundleError(
+                        f"{self.bundle.root}: vocabulary mode is 'input' but the detector has no {TEXT_INPUT!r} input"
+                    )
+                arrays = self.bundle.load_vocab()
+                if "embeddings" not in arrays:
+                    raise BundleError(f"{self.bundle.root}: the vocabulary file has no 'embeddings' array")
+                classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else self.classes
+                self._set_vocab(classes, arrays["embeddings"], error=BundleError)
+            elif has_text_input:
+                raise BundleError(
+                    f"{self.bundle.root}: the detector takes {TEXT_INPUT!r} "
+                    f"but the vocabulary mode is {self.vocab_mode!r}"
+                )
+            outs = {s.name for s in self.backend.outputs}
+            if not set(_OUTPUTS) <= outs:
+                raise BundleError(f"{self.bundle.root}: the detector outputs {sorted(outs)}, expected {list(_OUTPUTS)}")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- vocabulary --------------------------------------------------------------------
+    def set_vocabulary(self, classes: Sequence[str], embeddings: np.ndarray) -> None:
+        """Swap the class vocabulary (bundles exported with ``--vocab-mode input`` only).
+
+        ``embeddings`` is ``[len(classes), D]`` text embeddings from the same text encoder as the
+        bundle's ``vocab.npz`` (L2-normalised, prompt templates averaged).
+        """
+        if self.vocab_mode != "input":
+            raise UsageError(
+                f"{self.bundle.root}: this bundle has its vocabulary baked into the graph; "
+                "re-export it with --vocab-mode input to change classes at run time"
+            )
+        self._set_vocab(list(classes), embeddings, error=UsageError)
+
+    def _set_vocab(self, classes: list[str], embeddings: Any, error: type[Exception]) -> None:
+        emb = np.asarray(embeddings)
+        if len(classes) == 0:
+            raise error("the vocabulary is empty: give at least one class")
+        if emb.dtype.kind != "f" or emb.ndim != 2:
+            raise error(
+                f"text embeddings: got shape {tuple(emb.shape)} dtype {emb.dtype}, expected float [num_classes, D]"
+            )
+        if emb.shape[0] != len(classes):
+            raise error(f"text embeddings: got {emb.shape[0]} rows for {len(classes)} classes")
+        spec = next(s for s in self.backend.inputs if s.name == TEXT_INPUT)
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        problem = spec.check(emb)
+        if problem:
+            raise error(f"text embeddings do not fit the detector: {problem}")
+        self.classes = [str(c) for c in classes]
+        self._extra = {TEXT_INPUT: emb}
+
+    # -- running -----------------------------------------------------------------------
+    def detect(self, bgr: np.ndarray, stamp: FrameStamp | None = None) -> Detections:
+        """Detect objects in one BGR uint8 frame; boxes are xyxy in the frame's pixels."""
+        return self.detect_batch([bgr], None if stamp is None else [stamp])[0]
+
+    def detect_batch(
+        self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None
+    ) -> list[Detections]:
+        """Detect in several frames (one graph run per batch the model accepts)."""
+        if isinstance(images, np.ndarray):
+            raise UsageError("detect_batch: expected a list of HxWx3 uint8 arrays, got a single array")
+        images = list(images)
+        if not images:
+            return []
+        for i, img in enumerate(images):
+            check_image(img, what=f"image {i}")
+        stamps = list(stamps) if stamps is not None else [None] * len(images)
+        if len(stamps) != len(images):
+            raise UsageError(f"detect_batch: got {len(stamps)} stamps for {len(images)} images")
+        times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
+        results: list[Detections] = []
+        for chunk in self._chunks(len(images)):
+            t0 = now_ms()
+            tensor, infos = self.preprocessor.batch(images[chunk])
+            t1 = now_ms()
+            out = self.backend.infer(stack_feeds(tensor, self._extra))
+            t2 = now_ms()
+            results += [
+                self._select(out["boxes"][j], out["scores"][j], out["class_ids"][j], info, stamp)
+                for j, (info, stamp) in enumerate(zip(infos, stamps[chunk]))
+            ]
+            t3 = now_ms()
+            times["preprocess"] += t1 - t0
+            times["infer"] += t2 - t1
+            times["postprocess"] += t3 - t2
+        self.timings = times
+        return results
+
+    def _select(
+        self,
+        boxes: np.ndarray,
+        scores: np.ndarray,
+        class_ids: np.ndarray,
+        info: LetterboxInfo,
+        stamp: FrameStamp | None,
+    ) -> Detections:
+        s = self.settings
+        b, sc, c = select_detections(
+            boxes, scores, class_ids, s["score_threshold"], s["iou_threshold"], s["max_detections"], s["class_agnostic"]
+        )
+        b = scale_boxes_to_source(b, info)
+        n = len(self.classes)
+        labels = [self.classes[i] if 0 <= i < n else f"class{i}" for i in c.tolist()]
+        return Detections(b, sc, c, labels, stamp)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(self.settings, vocab_mode=self.vocab_mode, classes=len(self.classes))
+        return d
+
+
+def _postprocess_settings(manifest_post: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(overrides) - set(_DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown detect option(s) {unknown}; choose from {sorted(_DEFAULTS)}")
+    settings = {k: manifest_post.get(k, v) for k, v in _DEFAULTS.items()}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("score_threshold", "iou_threshold"):
+        v = settings[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise UsageError(f"{key} must be a number between 0 and 1, got {v!r}")
+        settings[key] = float(v)
+    m = settings["max_detections"]
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise UsageError(f"max_detections must be a positive integer, got {m!r}")
+    settings["max_detections"] = int(m)
+    if not isinstance(settings["class_agnostic"], (bool, np.bool_)):
+        raise UsageError(f"class_agnostic must be true or false, got {settings['class_agnostic']!r}")
+    settings["class_agnostic"] = bool(settings["class_agnostic"])
+    return settings
