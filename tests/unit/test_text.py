@@ -51,9 +51,15 @@ def hermetic_offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def count_forward_calls(encoder: torch.nn.Module) -> list[int]:
-    """Number of prompts of each encoder forward call, recorded by a hook."""
+    """Number of prompts of each call into the text tower (``encode``), recorded by a wrapper."""
     calls: list[int] = []
-    encoder.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    original = encoder.encode
+
+    def counting(texts, batch_size=256):
+        calls.append(len(texts))
+        return original(texts, batch_size=batch_size)
+
+    encoder.encode = counting
     return calls
 
 

@@ -79,18 +79,14 @@ def torch_outputs(part: Part, batches: Batches) -> dict[str, np.ndarray]:
 
 
 def onnx_outputs(path: Path, part: Part, batches: Batches, threads: int | None = None) -> dict[str, np.ndarray]:
-    """Run the exported file on onnxruntime's CPU provider (the reference runtime everywhere)."""
-    import onnxruntime as ort
+    """Run the exported file through the runtime's own onnxruntime backend on the CPU provider."""
+    from vlexport.runtime.backends.onnxruntime import OrtBackend
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     outs = []
-    for inputs in batches:
-        feeds = {n: t.detach().cpu().numpy() for n, t in zip(part.input_names, inputs)}
-        outs.append(dict(zip(part.output_names, sess.run(part.output_names, feeds))))
+    with OrtBackend(path, providers=["CPUExecutionProvider"], threads=threads) as backend:
+        for inputs in batches:
+            feeds = {n: t.detach().cpu().numpy() for n, t in zip(part.input_names, inputs)}
+            outs.append(backend.infer(feeds))
     return _concat(outs)
 
 

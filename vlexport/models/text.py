@@ -400,7 +400,7 @@ def _encode_classes(
     ) as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            embedded = encoder(encoder.tokenize(chunk).to(device)).float().cpu()
+            embedded = encoder.encode(chunk, batch_size=len(chunk)).cpu()
             sums.index_add_(0, owner[start : start + len(chunk)], embedded)
             bar.update(len(chunk))
     means = sums / n_templates

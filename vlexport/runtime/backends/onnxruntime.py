@@ -39,6 +39,12 @@ _ORT_TYPES = {
 Provider = Union[str, tuple[str, dict[str, Any]]]
 
 
+# onnxruntime 1.31's MatmulTransposeFusion crashes the process (segfault at session creation)
+# on FP16 transformer graphs such as the CLIP text tower; skipping that one fusion costs
+# nothing measurable and keeps every bundle loadable.
+DISABLED_OPTIMIZERS = ("MatmulTransposeFusion",)
+
+
 def import_ort() -> ModuleType:
     """Import onnxruntime lazily; a broken or missing install becomes a DependencyError."""
     try:
@@ -168,7 +174,8 @@ class OrtBackend(Backend):
             so.inter_op_num_threads = 1
         ort.set_default_logger_severity(3)
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=list(providers))
+            self._session = ort.InferenceSession(str(self.path), sess_options=so, providers=list(providers),
+                                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
             raise UsageError(f"onnxruntime cannot load {self.path}: {e}") from e
         self.providers: list[str] = list(self._session.get_providers())
