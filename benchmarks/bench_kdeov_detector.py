@@ -59,8 +59,9 @@ def main() -> None:
         feeds = {"images": x_np}
 
         def torch_eager():
+            # The model's own eager path: detect_raw + best class, as a PyTorch user runs it.
             with torch.inference_mode():
-                detector(x)
+                detector.reference(x)
 
         contenders = {
             "pytorch eager fp32": torch_eager,

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlexport.errors import UsageError
@@ -55,8 +56,60 @@ class KDEOVExportOptions:
     overwrite: bool = False
 
 
+def folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text: torch.Tensor) -> torch.Tensor:
+    """``text @ normalize(GroupNorm(conv(x)))`` per location, without computing the D-channel map.
+
+    ``x`` [B, Cin, H, W] feeds a 1x1 ``conv`` (Cin → D) and a ``GroupNorm``; ``text`` is [C, D].
+    GroupNorm's statistics are linear/quadratic in ``x``: from the spatial mean x̄ and second
+    moment S = X Xᵀ / HW (the statistics derived in float64, so E[y²] − E[y]² does not cancel badly) we get
+    per-sample scales ``a`` and shifts ``b`` with ``GN(conv(x)) = W' x + c`` where
+    ``W' = a ⊙ W`` and ``c = a ⊙ bias + b``. Then the similarities are ``(T W') x + T c`` and the
+    squared norms the quadratic form ``xᵀ W'ᵀW' x + 2 cᵀW' x + |c|²``: GEMMs of width Cin
+    (64 for YOLOv8n's P3) instead of D (512). Returns [B, C, HW].
+    """
+    b, cin = x.shape[0], x.shape[1]
+    d, groups = conv.out_channels, norm.num_groups
+    w = conv.weight.reshape(d, cin)
+    bias = conv.bias if conv.bias is not None else torch.zeros(d, dtype=x.dtype, device=x.device)
+    xf = x.flatten(2)  # [B, Cin, HW]
+    hw = xf.shape[2]
+    # The moments are sums over HW done in float32 GEMMs; everything derived from them (tiny
+    # [Cin, Cin] matrices) is float64.
+    mean_x = xf.mean(dim=2).double()  # [B, Cin]
+    second = (torch.matmul(xf, xf.transpose(1, 2)) / hw).double()  # [B, Cin, Cin]
+    w64, bias64 = w.double(), bias.double()
+    mean_y = torch.matmul(mean_x, w64.t()) + bias64  # [B, D]: E[y_c]
+    sq_y = ((torch.matmul(w64, second) * w64).sum(-1)  # [B, D]: E[y_c^2]
+            + 2 * bias64 * torch.matmul(mean_x, w64.t()) + bias64 * bias64)
+    mu = mean_y.reshape(b, groups, -1).mean(-1, keepdim=True)
+    var = sq_y.reshape(b, groups, -1).mean(-1, keepdim=True) - mu * mu
+    scale = (1.0 / torch.sqrt(var + norm.eps)).expand(-1, -1, d // groups).reshape(b, d)  # [B, D]
+    shift = (-mu * (1.0 / torch.sqrt(var + norm.eps))).expand(-1, -1, d // groups).reshape(b, d)
+    gamma = norm.weight.double() if norm.affine else torch.ones(d, dtype=torch.float64)
+    beta = norm.bias.double() if norm.affine else torch.zeros(d, dtype=torch.float64)
+    a = gamma * scale  # GN(y)_c = a_c y_c + (gamma_c shift_c + beta_c)
+    w_eff = (a.unsqueeze(-1) * w64).to(x.dtype)  # [B, D, Cin]
+    c_eff = (a * bias64 + gamma * shift + beta).to(x.dtype)  # [B, D]
+    sim = torch.matmul(torch.matmul(text, w_eff), xf) + torch.matmul(c_eff, text.t()).unsqueeze(-1)  # [B, C, HW]
+    q = torch.matmul(w_eff.transpose(1, 2), w_eff)  # [B, Cin, Cin]
+    lin = 2.0 * torch.matmul(c_eff.unsqueeze(1), w_eff)  # [B, 1, Cin]
+    qx = torch.matmul(q, xf)  # [B, Cin, HW]
+    sq_norm = (torch.matmul(torch.ones_like(lin), qx * xf) + torch.matmul(lin, xf)
+               + (c_eff * c_eff).sum(-1, keepdim=True).unsqueeze(-1))  # [B, 1, HW]
+    return sim / sq_norm.clamp_min(0).sqrt().clamp_min(1e-12)
+
+
 class DetectorGraph(nn.Module):
-    """Export wrapper: image → (boxes, best score, class id); text embeddings baked or as an input."""
+    """Export wrapper: image → (boxes, best score, class id); text embeddings baked or as an input.
+
+    It computes exactly ``detect_raw`` followed by a max over classes, rearranged for
+    inference (parity against ``detect_raw`` is checked at every export):
+
+    * per level, the similarities come from :func:`folded_similarity`, which never builds
+      the [B, 512, H, W] projected map;
+    * the best class's softmax probability is ``1 / sum_c exp(l_c - l_max)``, without
+      materialising the probabilities.
+    """
 
     def __init__(self, model: nn.Module, text_embeddings: np.ndarray, baked: bool):
         super().__init__()
@@ -65,6 +118,22 @@ class DetectorGraph(nn.Module):
         self.register_buffer("text_embeddings", torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float32)))
 
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor | None = None):
+        m = self.model
+        emb = self.text_embeddings if self.baked else text_embeddings
+        text = F.normalize(emb, dim=-1) * m.logit_scale.exp()  # [C, D], a constant when baked
+        feats = m.backbone(images)
+        logits = torch.cat([folded_similarity(f, p.conv, p.norm, text)
+                            for p, f in zip(m.spatial_projections, feats)], 2)  # [B, C, N]
+        top, class_ids = logits.max(dim=1)
+        scores = 1.0 / torch.exp(logits - top.unsqueeze(1)).sum(dim=1)
+        if m.config.box_source == "yolo":
+            boxes = m.backbone.box_regression(feats)
+        else:
+            boxes = m.grid_boxes(feats).unsqueeze(0).expand(images.shape[0], -1, -1)
+        return boxes, scores, class_ids.to(torch.int32)
+
+    def reference(self, images: torch.Tensor, text_embeddings: torch.Tensor | None = None):
+        """The model's own eager path (``detect_raw`` + max over classes), for benchmarks and tests."""
         emb = self.text_embeddings if self.baked else text_embeddings
         boxes, probs = self.model.detect_raw(images, emb)
         scores, class_ids = probs.max(dim=-1)
@@ -164,9 +233,11 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
                  TensorSpec("class_ids", "int32", (batch, "anchors"))),
     )
     emb_t = torch.from_numpy(text_embeddings)
+    detector_graph = DetectorGraph(model, text_embeddings, baked).eval()
     detector = Part(
         name="detector",
-        module=DetectorGraph(model, text_embeddings, baked),
+        module=detector_graph,
+        reference=detector_graph.reference,
         io=det_io,
         make_inputs=(lambda x: (x,)) if baked else (lambda x: (x, emb_t)),
         tolerances={

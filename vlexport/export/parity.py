@@ -69,9 +69,10 @@ def _concat(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def torch_outputs(part: Part, batches: Batches) -> dict[str, np.ndarray]:
     """Run the PyTorch module on every batch; outputs named as the part declares, batches concatenated."""
     outs = []
+    fn = part.reference if part.reference is not None else part.module.eval()
     with torch.no_grad():
         for inputs in batches:
-            out = part.module.eval()(*inputs)
+            out = fn(*inputs)
             if isinstance(out, torch.Tensor):
                 out = (out,)
             outs.append({n: t.detach().cpu().numpy() for n, t in zip(part.output_names, out)})

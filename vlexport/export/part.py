@@ -30,7 +30,9 @@ class Part:
 
     ``make_inputs(images)`` turns a pre-processed image batch (float32 [B,3,H,W]) into the
     module's positional example inputs, so parity runs on real pictures when it can.
-    ``tolerances`` maps precision → output name → tolerance.
+    ``tolerances`` maps precision → output name → tolerance. ``reference``, when given, is
+    the PyTorch function parity is measured against (the model's own eager path) when the
+    exported module is a rearranged but equivalent formulation of it.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Part:
     io: PartIO
     make_inputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     tolerances: dict[str, dict[str, OutputTolerance]] = field(default_factory=dict)
+    reference: Callable[..., object] | None = None
 
     @property
     def input_names(self) -> list[str]:

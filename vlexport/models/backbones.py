@@ -423,11 +423,13 @@ class LightweightVisualBackbone(nn.Module):
         for i, feat in enumerate(feats):
             raw = head.cv2[i](feat).reshape(b, 4, self.reg_max, -1)  # [B, 4, bins, HW]
             if self.reg_max > 1:
-                raw = torch.einsum("bkrn,r->bnk", raw.softmax(2), self.dfl_bins.to(raw.dtype))
+                # Expectation over the bins as a [1, bins] @ [bins, HW] product: one GEMM per
+                # side instead of a transposing einsum (much faster in onnxruntime).
+                raw = torch.matmul(self.dfl_bins.to(raw.dtype).unsqueeze(0), raw.softmax(2)).squeeze(2)
             else:
-                raw = raw[:, :, 0].transpose(1, 2)
-            dists.append(raw)  # [B, HW, 4] in stride units
-        dist = torch.cat(dists, 1)
+                raw = raw[:, :, 0]
+            dists.append(raw)  # [B, 4, HW] in stride units
+        dist = torch.cat(dists, 2).transpose(1, 2)  # [B, N, 4]
         points, strides = self.anchor_points(feats)
         lt, rb = dist[..., :2], dist[..., 2:]
         return torch.cat((points - lt * strides, points + rb * strides), -1)
