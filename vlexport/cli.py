@@ -65,6 +65,33 @@ def cli(verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
+# --------------------------------------------------------------------------- shared export options
+def precision_options(fn):
+    """--fp16/--int8 and the INT8 calibration and accuracy-gate options, shared by every family."""
+    opts = [
+        click.option("--fp16", is_flag=True, help="Also write FP16 graphs (FP32 inputs/outputs; fragile and overflowing ops stay FP32)."),
+        click.option("--int8", is_flag=True, help="Also write an INT8 (QDQ) graph; needs --calib."),
+        click.option("--calib", help="Calibration images: a folder, a video, a YOLO data.yaml/folder or a COCO json."),
+        click.option("--calib-size", default=64, show_default=True, type=int, help="Number of calibration images (sampled with --calib-seed)."),
+        click.option("--calib-seed", default=0, show_default=True, type=int),
+        click.option("--calib-method", default="entropy", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"])),
+        click.option("--val", help="Images for the parity check; a labelled dataset (YOLO data.yaml/folder or COCO json) also gates INT8 by mAP."),
+        click.option("--max-drop", default=1.0, show_default=True, type=float, help="Points of mAP50-95 INT8 may lose against FP32 (with --val)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _precision(kw: dict):
+    from vlexport.export.pipeline import PrecisionOptions
+
+    return PrecisionOptions(fp16=kw.pop("fp16"), int8=kw.pop("int8"), calib=kw.pop("calib"),
+                            calib_size=kw.pop("calib_size"), calib_seed=kw.pop("calib_seed"),
+                            calib_method=kw.pop("calib_method"), val=kw.get("parity_source"),
+                            max_drop=kw.pop("max_drop"))
+
+
 # --------------------------------------------------------------------------- export: kdeov
 def _vocabulary(classes: str | None, vocab: str | None) -> list[str] | None:
     if classes is None and vocab is None:
@@ -93,13 +120,12 @@ def _vocabulary(classes: str | None, vocab: str | None) -> list[str] | None:
 @click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai).")
 @click.option("--boxes", "box_source", type=click.Choice(["grid", "yolo"]),
               help="Box source: grid default boxes, or the YOLOv8 head's own regression.")
-@click.option("--fp16", is_flag=True, help="Also write FP16 graphs (FP32 inputs/outputs, fragile ops kept in FP32).")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
 @click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch axis (default: batch 1).")
 @click.option("--with-text-encoder", is_flag=True, help="Also export the text tower as part `text_encoder`.")
 @click.option("--vocab-mode", type=click.Choice(["baked", "input"]), default="baked", show_default=True,
               help="baked: class embeddings are a graph constant; input: a graph input (swap vocabularies without re-export).")
-@click.option("--val", "parity_source", help="Images (folder, image or video) for the parity check [default: synthetic images].")
+@precision_options
 @click.option("--score-threshold", default=0.25, show_default=True, type=float)
 @click.option("--iou-threshold", default=0.5, show_default=True, type=float)
 @click.option("--max-detections", default=300, show_default=True, type=int)
@@ -116,9 +142,11 @@ def kdeov_cmd(**kw) -> None:
     _require_export_extra()
     from vlexport.export.kdeov import KDEOVExportOptions, export_kdeov
 
+    kw["parity_source"] = kw.pop("val")
+    precision = _precision(kw)
     classes = _vocabulary(kw.pop("classes"), kw.pop("vocab"))
     out = kw.pop("out") or Path("bundles") / f"kdeov-{kw['preset']}"
-    opts = KDEOVExportOptions(out=out, classes=classes, **kw)
+    opts = KDEOVExportOptions(out=out, classes=classes, fp16=precision.fp16, precision=precision, **kw)
     report = export_kdeov(opts)
     _print_export_report(report)
 
@@ -131,6 +159,54 @@ def _print_export_report(report) -> None:
             for name, m in outs.items()
         )
         click.echo(f"  parity {key:<22} {figures}")
+    if report.metrics:
+        click.echo(_metrics_table(report.metrics))
+    for r in report.gate:
+        click.echo(f"  gate round {r['round']}: {r['excluded_nodes']} node(s) kept in higher precision, "
+                   f"INT8 mAP50-95 {100 * r['int8_map50_95']:.2f} (drop {r['drop_points']:.2f} points)")
+
+
+def _metrics_table(metrics: dict) -> str:
+    lines = [f"  {'precision':<10} {'mAP50-95':>9} {'mAP50':>7} {'images':>7}"]
+    base = metrics.get("fp32", {}).get("map50_95")
+    for prec, m in metrics.items():
+        drop = "" if base is None or prec == "fp32" else f"  ({100 * (m['map50_95'] - base):+.2f})"
+        lines.append(f"  {prec:<10} {100 * m['map50_95']:>9.2f} {100 * m['map50']:>7.2f} {m.get('images', 0):>7}{drop}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- export: yolo
+@cli.command("yolo")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Ultralytics YOLOv8/YOLOv5u detection checkpoint.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling the checkpoint (Ultralytics .pt files are pickles: this runs code from the file).")
+@click.option("--arch", help="Architecture (yolov8n, yolov8s, …, yolov5s, …); read from the checkpoint when it says.")
+@click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/yolo-ARCH].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--imgsz", default=640, show_default=True, type=int, help="Square input size, a multiple of 32.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21))
+@click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch axis (default: batch 1).")
+@precision_options
+@click.option("--score-threshold", default=0.25, show_default=True, type=float)
+@click.option("--iou-threshold", default=0.7, show_default=True, type=float)
+@click.option("--max-detections", default=300, show_default=True, type=int)
+def yolo_cmd(**kw) -> None:
+    """Export an Ultralytics detection checkpoint (closed vocabulary, names from the checkpoint).
+
+    \b
+    Examples:
+      vlexport yolo --checkpoint yolov8n.pt --trust-checkpoint --fp16
+      vlexport yolo --checkpoint yolov8n.pt --trust-checkpoint --int8 \\
+          --calib coco128/images/train2017 --calib-size 32 --val coco128/data.yaml --max-drop 1.0
+    """
+    _require_export_extra()
+    from vlexport.export.yolo import YoloExportOptions, export_yolo
+
+    kw["parity_source"] = kw.pop("val")
+    precision = _precision(kw)
+    precision.check()
+    out = kw.pop("out") or Path("bundles") / f"yolo-{kw['arch'] or Path(kw['checkpoint']).stem}"
+    report = export_yolo(YoloExportOptions(out=out, precision=precision, **kw))
+    _print_export_report(report)
 
 
 # --------------------------------------------------------------------------- training
@@ -184,6 +260,35 @@ def inspect_cmd(bundle: Path, as_json: bool, verify: bool) -> None:
         click.echo(json.dumps(b.manifest, indent=2))
         return
     click.echo(describe_bundle(b, verified=verify))
+
+
+# --------------------------------------------------------------------------- validate
+@cli.command("validate")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Labelled dataset: a YOLO data.yaml or folder (images/ + labels/), or a COCO json.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Precisions to measure (repeatable) [default: every one the bundle has].")
+@click.option("--max-images", type=click.IntRange(1), help="Evaluate on the first N images only.")
+@click.option("--threads", type=click.IntRange(1), help="Inference threads (CPU).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the metrics as JSON.")
+def validate_cmd(bundle: Path, data: str, precisions: tuple[str, ...], max_images: int | None, threads: int | None,
+                 json_out: Path | None) -> None:
+    """Task metric of every precision in a bundle on labelled data (detection: COCO mAP50-95, mAP50).
+
+    \b
+    Example:
+      vlexport validate bundles/yolo-yolov8n --data coco128/data.yaml
+    """
+    from vlexport.calibration.validate import validate_bundle
+
+    metrics = validate_bundle(bundle, data, precisions=list(precisions) or None, max_images=max_images, threads=threads)
+    click.echo(_metrics_table(metrics))
+    if json_out:
+        from vlexport.export.bundle_writer import write_json_atomic
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(json_out, {"bundle": str(bundle), "data": data, "metrics": metrics})
+        click.echo(f"wrote {json_out}")
 
 
 # --------------------------------------------------------------------------- run

@@ -84,10 +84,10 @@ class BundleWriter:
         np.savez(self.path(rel), classes=np.asarray(classes, dtype=np.str_), embeddings=embeddings.astype(np.float32))
         return rel
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
-        """Hash every staged file, write the manifest last and move the bundle into place."""
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
         if self.staging is None:
             raise RuntimeError("BundleWriter used outside its context")
+        (self.staging / MANIFEST).unlink(missing_ok=True)
         files = {}
         for p in sorted(self.staging.rglob("*")):
             if p.is_file():
@@ -101,6 +101,18 @@ class BundleWriter:
             "files": files,
         }
         write_json_atomic(self.staging / MANIFEST, full)
+
+    def provisional(self, manifest: dict[str, Any]) -> Path:
+        """Make the hidden staging folder a readable bundle (for evaluating it before publishing).
+
+        The folder stays hidden and is removed on failure; :meth:`commit` rewrites the manifest.
+        """
+        self._write_manifest(manifest)
+        return self.staging
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        """Hash every staged file, write the manifest last and move the bundle into place."""
+        self._write_manifest(manifest)
         backup = None
         if self.out.exists():
             backup = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")

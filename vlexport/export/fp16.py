@@ -14,8 +14,25 @@ FRAGILE_OPS = (
 )
 
 
-def convert_to_fp16(model: onnx.ModelProto, *, keep_fp32_ops: tuple[str, ...] = FRAGILE_OPS) -> onnx.ModelProto:
-    """Convert weights and activations to FP16, keeping graph inputs/outputs and ``keep_fp32_ops`` in FP32.
+# Activations beyond this stay FP32: a quarter of FP16's largest finite value (65504), so that
+# inputs brighter or busier than the ones measured still have headroom.
+FP16_SAFE_MAX = 16384.0
+
+
+def overflowing_nodes(fp32_path, feeds: list[dict]) -> list[str]:
+    """Nodes whose output magnitude, measured on ``feeds`` through the FP32 graph, is unsafe in FP16."""
+    from vlexport.calibration.quantize import activation_ranges
+
+    ranges = activation_ranges(fp32_path, feeds)
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    return sorted({producer[t] for t, m in ranges.items() if t in producer and (m > FP16_SAFE_MAX or m != m)})
+
+
+def convert_to_fp16(model: onnx.ModelProto, *, keep_fp32_ops: tuple[str, ...] = FRAGILE_OPS,
+                    keep_fp32_nodes: list[str] | tuple[str, ...] = ()) -> onnx.ModelProto:
+    """Convert weights and activations to FP16, keeping graph inputs/outputs, ``keep_fp32_ops``
+    (by op type) and ``keep_fp32_nodes`` (by name, e.g. from :func:`overflowing_nodes`) in FP32.
 
     Uses onnxruntime's maintained converter, which inserts the Cast nodes at the FP16/FP32
     boundaries. The result runs on onnxruntime's CPU provider as well as on GPUs.
@@ -26,6 +43,7 @@ def convert_to_fp16(model: onnx.ModelProto, *, keep_fp32_ops: tuple[str, ...] = 
         model,
         keep_io_types=True,
         op_block_list=list(keep_fp32_ops),
+        node_block_list=list(keep_fp32_nodes),
         disable_shape_infer=False,
     )
     # When one tensor feeds several FP32-kept nodes, the converter inserts the same Cast once

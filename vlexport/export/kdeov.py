@@ -16,7 +16,7 @@ from torch import nn
 
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
-from vlexport.export.pipeline import ExportPlan, ExportReport, write_bundle
+from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
@@ -54,6 +54,7 @@ class KDEOVExportOptions:
     iou_threshold: float = 0.5
     max_detections: int = 300
     overwrite: bool = False
+    precision: PrecisionOptions | None = None  # INT8 calibration and gate; ``fp16`` above is the shortcut
 
 
 def folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text: torch.Tensor) -> torch.Tensor:
@@ -245,6 +246,7 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
                      "class_ids": OutputTolerance(min_agreement=0.99)},
             "fp16": {"boxes": OutputTolerance(min_cosine=0.999), "scores": OutputTolerance(min_cosine=0.999)},
         },
+        quantize=True,
     )
     encoder = Part(
         name="image_encoder",
@@ -314,5 +316,7 @@ def _text_encoder_part(text_encoder, classes: list[str], templates: tuple[str, .
 
 def export_kdeov(opts: KDEOVExportOptions) -> ExportReport:
     """Build the plan and write the bundle (see :func:`write_bundle`)."""
+    precision = opts.precision or PrecisionOptions(fp16=opts.fp16)
+    precision.check()  # before the slow model loading
     plan = build_plan(opts)
-    return write_bundle(plan, opts.out, fp16=opts.fp16, opset=opts.opset, overwrite=opts.overwrite)
+    return write_bundle(plan, opts.out, precision=precision, opset=opts.opset, overwrite=opts.overwrite)

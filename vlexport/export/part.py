@@ -41,6 +41,7 @@ class Part:
     make_inputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     tolerances: dict[str, dict[str, OutputTolerance]] = field(default_factory=dict)
     reference: Callable[..., object] | None = None
+    quantize: bool = False  # an INT8 candidate (image-fed parts); others stay FP32/FP16
 
     @property
     def input_names(self) -> list[str]:

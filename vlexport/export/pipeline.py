@@ -1,4 +1,4 @@
-"""Family-agnostic export: parts → ONNX (fp32, fp16) → parity → bundle.
+"""Family-agnostic export: parts → ONNX (fp32, fp16, int8) → parity → accuracy gate → bundle.
 
 A family module builds an :class:`ExportPlan` (its parts, pre/post-processing, vocabulary,
 provenance); :func:`write_bundle` does the rest identically for every family.
@@ -17,14 +17,44 @@ import numpy as np
 import onnx
 import torch
 
-from vlexport.errors import ExportError
+from vlexport.errors import ExportError, UsageError
 from vlexport.export.bundle_writer import BundleWriter
-from vlexport.export.fp16 import FRAGILE_OPS, convert_to_fp16
+from vlexport.export.fp16 import FRAGILE_OPS, convert_to_fp16, overflowing_nodes
 from vlexport.export.onnx_export import DEFAULT_OPSET, export_part
 from vlexport.export.parity import check_parity, torch_outputs
 from vlexport.export.part import Part
 
 log = logging.getLogger("vlexport")
+
+
+@dataclass
+class PrecisionOptions:
+    """Which precisions to write, and how INT8 is calibrated and gated."""
+
+    fp16: bool = False
+    int8: bool = False
+    calib: str | None = None
+    calib_size: int = 64
+    calib_seed: int = 0
+    calib_method: str = "entropy"
+    val: str | None = None  # labelled dataset: with int8, enables the accuracy gate
+    max_drop: float = 1.0  # points of the task metric INT8 may lose against FP32
+    max_gate_rounds: int = 5
+
+    def check(self) -> None:
+        from vlexport.calibration.quantize import CALIB_METHODS
+
+        if self.max_drop < 0:
+            raise UsageError(f"--max-drop must be zero or positive (points of the task metric), got {self.max_drop}")
+        if self.int8 and not self.calib:
+            raise UsageError(
+                "INT8 needs calibration data and there is no silent default: pass --calib SOURCE "
+                "(an image folder, a video, or a YOLO/COCO dataset) and optionally --calib-size N"
+            )
+        if self.calib_size < 1:
+            raise UsageError(f"--calib-size must be at least 1, got {self.calib_size}")
+        if self.calib_method not in CALIB_METHODS:
+            raise UsageError(f"unknown --calib-method {self.calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
 
 
 @dataclass
@@ -54,6 +84,8 @@ class ExportReport:
     parity: dict[str, dict[str, dict[str, float]]]
     files: list[str]
     seconds: float
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    gate: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _batches(part: Part, images: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -64,18 +96,27 @@ def _batches(part: Part, images: torch.Tensor) -> list[tuple[torch.Tensor, ...]]
     return [part.make_inputs(images[i:i + 1]) for i in range(images.shape[0])]
 
 
-def write_bundle(plan: ExportPlan, out: str | Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                 overwrite: bool = False, simplify: bool = True) -> ExportReport:
-    """Export every part of ``plan`` (FP32, and FP16 if asked), check parity, write the bundle.
+def _feeds(part: Part, batches: list[tuple[torch.Tensor, ...]]) -> list[dict[str, np.ndarray]]:
+    return [{n: t.detach().cpu().numpy() for n, t in zip(part.input_names, b)} for b in batches]
+
+
+def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptions | None = None, fp16: bool = False,
+                 opset: int = DEFAULT_OPSET, overwrite: bool = False, simplify: bool = True) -> ExportReport:
+    """Export every part of ``plan`` in the asked precisions, check parity (and accuracy), write the bundle.
 
     All parity violations of all parts are collected and reported together in one
-    :class:`ExportError`; in that case nothing is left at ``out``.
+    :class:`ExportError`; in that case, or if the accuracy gate gives up, nothing is left at ``out``.
     """
     t0 = time.perf_counter()
-    precisions = ["fp32"] + (["fp16"] if fp16 else [])
+    prec = precision or PrecisionOptions(fp16=fp16)
+    prec.check()
     parity: dict[str, dict[str, dict[str, float]]] = {}
     problems: list[str] = []
     parts_manifest: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    calib = None
+    if prec.int8:
+        calib = _calibration_set(plan, prec)
     with BundleWriter(out, overwrite=overwrite) as writer:
         for part in plan.parts:
             batches = _batches(part, plan.parity_images)
@@ -83,18 +124,32 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, fp16: bool = False, opset
             files: dict[str, str] = {}
             fp32_rel = f"{part.name}.onnx"
             log.info("exporting %s (fp32, opset %d)…", part.name, opset)
-            export_part(part, batches[0], writer.path(fp32_rel), opset=opset, simplify=simplify)
+            fp32_path = writer.path(fp32_rel)
+            export_part(part, batches[0], fp32_path, opset=opset, simplify=simplify)
             files["fp32"] = fp32_rel
-            if fp16:
-                log.info("converting %s to fp16 (keeping %s in fp32)…", part.name, ", ".join(FRAGILE_OPS[:4]) + ", …")
+            if prec.fp16:
                 fp16_rel = f"{part.name}.fp16.onnx"
-                model16 = convert_to_fp16(onnx.load(str(writer.path(fp32_rel))))
-                onnx.save(model16, str(writer.path(fp16_rel)))
+                kept = overflowing_nodes(fp32_path, _feeds(part, batches))
+                log.info("converting %s to fp16 (op types %s, … and %d node(s) whose activations overflow FP16 stay FP32)…",
+                         part.name, ", ".join(FRAGILE_OPS[:3]), len(kept))
+                onnx.save(convert_to_fp16(onnx.load(str(fp32_path)), keep_fp32_nodes=kept), str(writer.path(fp16_rel)))
                 files["fp16"] = fp16_rel
-            for precision in precisions:
-                log.info("checking %s/%s against PyTorch on %d image(s)…", part.name, precision, plan.parity_images.shape[0])
-                res, bad = check_parity(part, writer.path(files[precision]), precision, batches, reference)
-                parity[f"{part.name}/{precision}"] = {k: v.to_dict() for k, v in res.items()}
+                extra.setdefault("fp16", {})[part.name] = {"kept_fp32_op_types": list(FRAGILE_OPS),
+                                                           "kept_fp32_nodes": kept}
+            if prec.int8 and part.quantize:
+                from vlexport.calibration.quantize import quantize_int8
+
+                int8_rel = f"{part.name}.int8.onnx"
+                inputs = _calibration_inputs(part, calib, plan)
+                log.info("quantising %s to int8 (QDQ, %s, %d calibration images)…", part.name, prec.calib_method, len(inputs))
+                q = quantize_int8(fp32_path, writer.path(int8_rel), inputs, method=prec.calib_method)
+                files["int8"] = int8_rel
+                extra.setdefault("int8", {})[part.name] = {"quantized_nodes": len(q.quantized_nodes),
+                                                           "excluded_nodes": list(q.excluded_nodes), "inputs": inputs}
+            for p in files:
+                log.info("checking %s/%s against PyTorch on %d image(s)…", part.name, p, plan.parity_images.shape[0])
+                res, bad = check_parity(part, writer.path(files[p]), p, batches, reference)
+                parity[f"{part.name}/{p}"] = {k: v.to_dict() for k, v in res.items()}
                 problems += bad
             parts_manifest[part.name] = {**part.io.to_dict(), "files": files, "engines": {}}
         if problems:
@@ -124,6 +179,45 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, fp16: bool = False, opset
                                                                "count": int(plan.parity_images.shape[0])}},
             "warnings": plan.warnings,
         }
+        if "fp16" in extra:
+            manifest["fp16"] = extra["fp16"]
+        metrics: dict[str, dict[str, float]] = {}
+        gate_rounds: list[dict[str, Any]] = []
+        if prec.int8:
+            manifest["calibration"] = {
+                "method": prec.calib_method, "source": calib.source, "kind": calib.kind, "count": len(calib.frames),
+                "seed": prec.calib_seed, "sha256": calib.sha256,
+                "excluded_nodes": {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()},
+            }
+            if prec.val:
+                from vlexport.calibration.gate import run_accuracy_gate
+
+                metrics, gate_rounds = run_accuracy_gate(writer, manifest, plan, prec, extra["int8"], calib)
+                manifest["calibration"]["excluded_nodes"] = {k: v["excluded_nodes"] for k, v in extra["int8"].items()}
+                manifest["validation"]["metrics"] = metrics
+                manifest["validation"]["gate"] = {"data": prec.val, "max_drop": prec.max_drop, "rounds": gate_rounds}
         path = writer.commit(manifest)
     files_written = sorted(p.name for p in path.iterdir())
-    return ExportReport(path=path, parity=parity, files=files_written, seconds=time.perf_counter() - t0)
+    return ExportReport(path=path, parity=parity, files=files_written, seconds=time.perf_counter() - t0,
+                        metrics=metrics, gate=gate_rounds)
+
+
+def _calibration_set(plan: ExportPlan, prec: PrecisionOptions):
+    """The calibration frames (the gate sets these images aside when it evaluates)."""
+    from vlexport.calibration.readers import calibration_frames
+
+    calib = calibration_frames(prec.calib, prec.calib_size, seed=prec.calib_seed)
+    log.info("calibration: %d image(s) from %s (sha256 %s…)", len(calib.frames), calib.source, calib.sha256[:12])
+    return calib
+
+
+def _calibration_inputs(part: Part, calib, plan: ExportPlan) -> list[dict[str, np.ndarray]]:
+    """Feeds for the part, pre-processed exactly as the runtime does."""
+    from vlexport.runtime.preprocess import Preprocessor
+
+    pre = Preprocessor(plan.preprocess)
+    feeds = []
+    for frame in calib.frames:
+        x = torch.from_numpy(pre(frame)[0])
+        feeds.append({n: t.detach().cpu().numpy() for n, t in zip(part.input_names, part.make_inputs(x))})
+    return feeds

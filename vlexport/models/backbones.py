@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 _ULTRALYTICS_YAML: dict[str, str] = {
     "yolov8n": "v8/yolov8n.yaml",
     "yolov5s": "v5/yolov5s.yaml",
+    # The other scales of the same two families (Ultralytics derives the scale from the name).
+    **{f"yolov8{s}": f"v8/yolov8{s}.yaml" for s in "smlx"},
+    **{f"yolov5{s}": f"v5/yolov5{s}.yaml" for s in "nmlx"},
 }
 BACKBONE_NAMES: tuple[str, ...] = (*_ULTRALYTICS_YAML, "simple")
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from vlexport.errors import BundleError, UsageError
-from vlexport.runtime.backends import Backend, create_backend, has_accelerator
+from vlexport.runtime.backends import Backend, has_accelerator, open_part_backend, part_precisions, resolve_backend
 from vlexport.runtime.bundle import PRECISIONS, Bundle
 from vlexport.runtime.preprocess import Preprocessor
 from vlexport.runtime.spec import TensorSpec
@@ -53,19 +53,28 @@ class PartTask:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.part = self.bundle.part(self.part_name)
         where = f"{self.bundle.root}: part {self.part_name!r}"
-        # Resolve the backend name first so that a bad name fails before any hashing.
-        self.precision = choose_precision(self.part.precisions, precision, has_accelerator(backend), where)
-        self.model_path = self.bundle.verify(self.part.files[self.precision])
+        # Resolve the backend first (None: TensorRT when it can run here, else onnxruntime) so that a
+        # bad name or an unusable TensorRT fails before any hashing or engine build.
+        self.backend_name: str = resolve_backend(backend)
+        available = part_precisions(self.part, self.backend_name)
+        self.precision = choose_precision(available, precision, has_accelerator(self.backend_name), where)
         self.preprocessor = Preprocessor(self.bundle.preprocess)
-        self.backend: Backend = create_backend(self.model_path, backend=backend, threads=threads)
+        # On TensorRT this builds the engine on first use (progress line) and returns its path.
+        self.backend: Backend
+        self.backend, self.model_path = open_part_backend(
+            self.bundle, self.part_name, self.precision, self.backend_name, threads=threads
+        )
         try:
             self._check_io(where)
         except BaseException:
             self.backend.close()
             raise
         spec = self._input_spec(IMAGE_INPUT)
-        # A graph exported with a fixed batch of N takes the frames N at a time.
-        self._max_batch: int | None = spec.shape[0] if isinstance(spec.shape[0], int) else None
+        # A graph exported with a fixed batch of N takes the frames N at a time; a TensorRT engine
+        # takes at most its optimisation profile's max batch.
+        self._max_batch: int | None = (
+            spec.shape[0] if isinstance(spec.shape[0], int) else getattr(self.backend, "max_batch", None)
+        )
         self.timings: dict[str, float] = {}
 
     # -- checks ------------------------------------------------------------------------

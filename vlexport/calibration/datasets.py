@@ -1,0 +1,680 @@
+"""Labelled detection datasets (YOLO folders / ``data.yaml``, COCO JSON) for the accuracy gate.
+
+A :class:`DetectionDataset` holds, per image, the ground-truth boxes in *source pixels* (xyxy)
+and contiguous class indices into ``names``, whatever the on-disk format. Both loaders sort the
+images by path, so the same images loaded from YOLO labels and from a COCO JSON line up.
+
+Numpy and OpenCV only: this module is imported by the evaluator, which runs bundles without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from vlexport.calibration.readers import IMAGE_EXTENSIONS, list_images
+from vlexport.errors import SourceError, UsageError
+
+__all__ = [
+    "DetectionItem",
+    "DetectionDataset",
+    "load_detection_dataset",
+    "dataset_images",
+    "dataset_kind",
+    "to_coco_gt",
+    "category_id",
+    "image_size",
+]
+
+log = logging.getLogger("vlexport")
+
+DATASET_KINDS = ("yolo", "coco")
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def category_id(class_index: int) -> int:
+    """The COCO category id :func:`to_coco_gt` gives class ``class_index`` (ids start at 1)."""
+    return int(class_index) + 1
+
+
+@dataclass
+class DetectionItem:
+    """One image and its ground truth: xyxy boxes in the image's pixels and class indices.
+
+    ``iscrowd`` and ``areas`` are kept from a COCO JSON (crowd regions are ignored by the COCO
+    metric rather than counted as misses); None means "no crowd, area = box area".
+    """
+
+    image_path: Path
+    boxes: np.ndarray
+    class_ids: np.ndarray
+    width: int
+    height: int
+    iscrowd: np.ndarray | None = None
+    areas: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.image_path = Path(self.image_path)
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        k = self.boxes.shape[0]
+        self.class_ids = np.asarray(self.class_ids, dtype=np.int64).reshape(-1)
+        if self.class_ids.shape != (k,):
+            raise ValueError(f"class_ids: got shape {self.class_ids.shape}, expected ({k},)")
+        for name in ("iscrowd", "areas"):
+            value = getattr(self, name)
+            if value is not None:
+                arr = np.asarray(value, dtype=np.int64 if name == "iscrowd" else np.float64).reshape(-1)
+                if arr.shape != (k,):
+                    raise ValueError(f"{name}: got shape {arr.shape}, expected ({k},)")
+                setattr(self, name, arr)
+        if self.width < 1 or self.height < 1:
+            raise ValueError(f"{self.image_path}: image size {self.width}x{self.height} is not positive")
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+@dataclass
+class DetectionDataset:
+    """Images with ground-truth boxes; ``names[i]`` is the name of class index ``i``."""
+
+    root: Path
+    names: list[str]
+    items: list[DetectionItem]
+    kind: str
+    split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATASET_KINDS:
+            raise ValueError(f"unknown dataset kind {self.kind!r}; expected one of {DATASET_KINDS}")
+        self.root = Path(self.root)
+        self.names = [str(n) for n in self.names]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_boxes(self) -> int:
+        """Boxes over all images (crowd regions included)."""
+        return sum(len(it) for it in self.items)
+
+    @property
+    def image_paths(self) -> list[Path]:
+        return [it.image_path for it in self.items]
+
+    def subset(self, indices: Iterable[int]) -> DetectionDataset:
+        """A dataset of the items at ``indices`` (in that order); names and kind are kept."""
+        idx = [int(i) for i in indices]
+        n = len(self.items)
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise UsageError(f"subset: index {bad[0]} is out of range for a dataset of {n} images")
+        if len(set(idx)) != len(idx):
+            raise UsageError("subset: the indices repeat an image")
+        return DetectionDataset(self.root, list(self.names), [self.items[i] for i in idx], self.kind,
+                                self.split, dict(self.extra))
+
+    def disjoint_split(self, n_first: int | float, seed: int = 0) -> tuple[DetectionDataset, DetectionDataset]:
+        """Split into two datasets that share no image, e.g. (calibration, evaluation).
+
+        ``n_first`` is a number of images, or a fraction in (0, 1). The choice is a seeded
+        shuffle (the same seed always gives the same split); each part keeps the dataset order.
+        """
+        n = len(self.items)
+        if isinstance(n_first, bool) or not isinstance(n_first, (int, float, np.integer, np.floating)):
+            raise UsageError(f"disjoint_split: n_first must be a count or a fraction, got {n_first!r}")
+        if isinstance(n_first, (float, np.floating)):
+            if not 0.0 < float(n_first) < 1.0:
+                raise UsageError(f"disjoint_split: a fraction must lie in (0, 1), got {n_first}")
+            k = int(round(float(n_first) * n))
+        else:
+            k = int(n_first)
+        if not 0 <= k <= n:
+            raise UsageError(f"disjoint_split: cannot take {k} of {n} images")
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        first = sorted(order[:k])
+        rest = sorted(order[k:])
+        return self.subset(first), self.subset(rest)
+
+    def __repr__(self) -> str:
+        return (f"DetectionDataset(kind={self.kind!r}, root={str(self.root)!r}, images={len(self.items)}, "
+                f"boxes={self.num_boxes}, classes={len(self.names)})")
+
+
+# -- image size without decoding ---------------------------------------------------------------
+def _exif_orientation(app1: bytes) -> int:
+    """The EXIF orientation tag (1 when absent or unreadable) of a JPEG APP1 payload."""
+    if not app1.startswith(b"Exif\x00\x00"):
+        return 1
+    tiff = app1[6:]
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    end = "<" if tiff[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack(end + "I", tiff[4:8])
+        (count,) = struct.unpack(end + "H", tiff[ifd:ifd + 2])
+        for i in range(count):
+            off = ifd + 2 + 12 * i
+            tag, _typ, _n = struct.unpack(end + "HHI", tiff[off:off + 8])
+            if tag == 0x0112:
+                return struct.unpack(end + "H", tiff[off + 8:off + 10])[0]
+    except struct.error:
+        return 1
+    return 1
+
+
+def _jpeg_size(f: Any) -> tuple[int, int] | None:
+    orientation = 1
+    f.seek(2)
+    while True:
+        marker = f.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        code = marker[1]
+        if code == 0xFF:  # fill byte
+            f.seek(-1, 1)
+            continue
+        if code in (0xD8, 0x01) or 0xD0 <= code <= 0xD7:
+            continue
+        raw = f.read(2)
+        if len(raw) < 2:
+            return None
+        (length,) = struct.unpack(">H", raw)
+        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
+            seg = f.read(5)
+            if len(seg) < 5:
+                return None
+            h, w = struct.unpack(">HH", seg[1:5])
+            # cv2.imread applies the EXIF rotation, so report the size the decoder gives.
+            return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        if code == 0xE1 and orientation == 1:
+            orientation = _exif_orientation(f.read(length - 2))
+        else:
+            f.seek(length - 2, 1)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as OpenCV decodes it (EXIF rotation applied).
+
+    Reads only the header of PNG and JPEG files; other formats are decoded.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+                w, h = struct.unpack(">II", head[16:24])
+                return int(w), int(h)
+            if head.startswith(b"\xff\xd8"):
+                size = _jpeg_size(f)
+                if size is not None and size[0] > 0 and size[1] > 0:
+                    return size
+    except OSError as e:
+        raise SourceError(f"cannot read image {path}: {e.strerror or e}") from e
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise SourceError(f"cannot read image {path} (missing, unreadable or not an image)")
+    return int(img.shape[1]), int(img.shape[0])
+
+
+# -- a tiny YAML reader for data.yaml ---------------------------------------------------------
+def _scalar(text: str) -> Any:
+    t = text.strip()
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
+        return t[1:-1]
+    if t in ("", "~", "null"):
+        return None
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    try:
+        return float(t)
+    except ValueError:
+        return t
+
+
+def _split_flow(inner: str) -> list[str]:
+    items, cur, quote = [], "", ""
+    for ch in inner:
+        if quote:
+            cur += ch
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+            cur += ch
+        elif ch == ",":
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        items.append(cur)
+    return items
+
+
+def _strip_comment(line: str) -> str:
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i]
+    return line
+
+
+def parse_simple_yaml(text: str) -> dict[str, Any]:
+    """Parse the YAML subset a YOLO ``data.yaml`` uses: top-level ``key: scalar``, flow lists
+    ``[a, b]`` and one nested level of ``- item`` lists or ``index: name`` mappings."""
+    out: dict[str, Any] = {}
+    key: str | None = None
+    for raw in text.splitlines():
+        line = _strip_comment(raw).rstrip()
+        if not line.strip():
+            continue
+        indented = line[0] in " \t"
+        body = line.strip()
+        if indented and key is not None:
+            if body.startswith("- ") or body == "-":
+                if not isinstance(out[key], list):
+                    out[key] = []
+                out[key].append(_scalar(body[1:]))
+            elif ":" in body:
+                k, v = body.split(":", 1)
+                if not isinstance(out[key], dict):
+                    out[key] = {}
+                out[key][_scalar(k)] = _scalar(v)
+            continue
+        if ":" not in body:
+            raise ValueError(f"cannot parse line {raw!r}")
+        k, v = body.split(":", 1)
+        key = k.strip()
+        v = v.strip()
+        if v.startswith("[") and v.endswith("]"):
+            out[key] = [_scalar(x) for x in _split_flow(v[1:-1])]
+        elif v.startswith("{") and v.endswith("}"):
+            pairs = [p.split(":", 1) for p in _split_flow(v[1:-1])]
+            out[key] = {_scalar(a): _scalar(b) for a, b in pairs}
+        else:
+            out[key] = _scalar(v) if v else None
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        import yaml  # PyYAML, when installed (ultralytics brings it)
+
+        data = yaml.safe_load(text)
+    except ImportError:
+        try:
+            data = parse_simple_yaml(text)
+        except ValueError as e:
+            raise SourceError(f"{path}: {e}; install PyYAML for full YAML support") from e
+    except Exception as e:  # yaml.YAMLError and friends
+        raise SourceError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise SourceError(f"{path} is not a YOLO dataset file (expected a mapping with 'names' and split keys)")
+    return data
+
+
+def _names_from_yaml(value: Any, where: Path) -> list[str]:
+    if isinstance(value, dict):
+        try:
+            keys = sorted(int(k) for k in value)
+        except (TypeError, ValueError):
+            raise SourceError(f"{where}: 'names' keys must be class indices 0..N-1") from None
+        if keys != list(range(len(keys))):
+            raise SourceError(f"{where}: 'names' must number the classes 0..{len(keys) - 1} without gaps")
+        lookup = {int(k): v for k, v in value.items()}
+        return [str(lookup[i]) for i in keys]
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    raise SourceError(f"{where}: 'names' must be a list or an index: name mapping, got {type(value).__name__}")
+
+
+# -- YOLO ---------------------------------------------------------------------------------------
+_IMG_DIR = "/images/"
+_LABEL_DIR = "/labels/"
+
+
+def label_path(image: Path) -> Path:
+    """The YOLO label file of ``image``: the last ``/images/`` becomes ``/labels/``, suffix ``.txt``."""
+    s = image.as_posix()
+    if _IMG_DIR in s:
+        head, tail = s.rsplit(_IMG_DIR, 1)
+        s = head + _LABEL_DIR + tail
+    return Path(s).with_suffix(".txt")
+
+
+def _yaml_split_images(yaml_path: Path, data: dict[str, Any], split: str) -> list[Path]:
+    base = yaml_path.parent
+    if data.get("path"):
+        p = Path(str(data["path"]))
+        base = p if p.is_absolute() else (yaml_path.parent / p)
+    if split not in data or not data[split]:
+        present = [k for k in ("train", "val", "test") if data.get(k)]
+        raise UsageError(f"{yaml_path} has no {split!r} split; it has {present}")
+    entries = data[split] if isinstance(data[split], list) else [data[split]]
+    images: list[Path] = []
+    for entry in entries:
+        p = Path(str(entry))
+        p = p if p.is_absolute() else base / p
+        if p.is_dir():
+            images += list_images(p)
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            # An image list, one path a line, relative to the dataset root (Ultralytics' convention).
+            for line in p.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line:
+                    q = Path(line)
+                    images.append(q if q.is_absolute() else (base / q))
+        elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(p)
+        else:
+            raise SourceError(f"{yaml_path}: split {split!r} points at {p}, which does not exist")
+    return sorted(set(images))
+
+
+def _yolo_folder_images(folder: Path) -> list[Path]:
+    if (folder / "images").is_dir():
+        return list_images(folder / "images")
+    return list_images(folder)
+
+
+def _find_yaml(folder: Path) -> Path | None:
+    dirs = [folder, folder.parent]
+    s = folder.resolve().as_posix() + "/"
+    if _IMG_DIR in s:  # .../root/images/train → look in root too
+        dirs.append(Path(s.rsplit(_IMG_DIR, 1)[0]))
+    for d in dirs:
+        for name in ("data.yaml", "data.yml", "dataset.yaml"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def _parse_label_file(path: Path, width: int, height: int, num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    boxes, classes = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"cannot read label file {path}: {e}") from e
+    for n, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{path}:{n}"
+        # 5 values: class cx cy w h; an odd count >= 7: class and a polygon (YOLO segment labels).
+        if len(parts) != 5 and (len(parts) < 7 or len(parts) % 2 == 0):
+            raise SourceError(f"{where}: expected 'class cx cy w h' (or 'class x1 y1 x2 y2 ...'), got {line.strip()!r}")
+        try:
+            cls_f = float(parts[0])
+            vals = np.array([float(v) for v in parts[1:]], dtype=np.float64)
+        except ValueError:
+            raise SourceError(f"{where}: non-numeric value in {line.strip()!r}") from None
+        if not cls_f.is_integer() or cls_f < 0:
+            raise SourceError(f"{where}: class {parts[0]!r} is not a non-negative integer")
+        cls = int(cls_f)
+        if num_classes is not None and cls >= num_classes:
+            raise SourceError(f"{where}: class {cls} is out of range for {num_classes} class names")
+        if not np.isfinite(vals).all() or (vals < 0).any() or (vals > 1).any():
+            raise SourceError(f"{where}: coordinates must be normalised to [0, 1], got {line.strip()!r}")
+        if len(parts) == 5:
+            cx, cy, w, h = vals
+            x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+        else:
+            xs, ys = vals[0::2], vals[1::2]
+            x1, y1, x2, y2 = xs.min(), ys.min(), xs.max(), ys.max()
+        boxes.append((x1 * width, y1 * height, x2 * width, y2 * height))
+        classes.append(cls)
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(classes, dtype=np.int64)
+
+
+def _load_yolo(path: Path, names: Sequence[str] | None, split: str) -> DetectionDataset:
+    yaml_path: Path | None = None
+    if path.is_file():
+        yaml_path = path
+        data = _read_yaml(path)
+        images = _yaml_split_images(path, data, split)
+        root = path.parent
+        file_names = _names_from_yaml(data["names"], path) if data.get("names") is not None else None
+    else:
+        root = path
+        images = _yolo_folder_images(path)
+        yaml_path = _find_yaml(path)
+        file_names = None
+        if yaml_path is not None:
+            ydata = _read_yaml(yaml_path)
+            if ydata.get("names") is not None:
+                file_names = _names_from_yaml(ydata["names"], yaml_path)
+    if not images:
+        raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in the YOLO dataset {path}")
+    if names is not None:
+        class_names = [str(n) for n in names]
+        if file_names is not None and file_names != class_names:
+            raise UsageError(f"the names given differ from those in {yaml_path}; pass names=None to use the file's")
+    elif file_names is not None:
+        class_names = file_names
+    else:
+        class_names = []
+    labels = [label_path(p) for p in images]
+    if not any(lp.is_file() for lp in labels):
+        raise SourceError(
+            f"no YOLO label files found for the {len(images)} images of {path} "
+            f"(expected e.g. {labels[0]} beside {images[0]})"
+        )
+    items = []
+    for img, lp in zip(images, labels):
+        w, h = image_size(img)
+        if lp.is_file():
+            boxes, cls = _parse_label_file(lp, w, h, len(class_names) or None)
+        else:  # an image without a label file is a background image: no boxes
+            boxes, cls = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+        items.append(DetectionItem(img, boxes, cls, w, h))
+    if not class_names:
+        top = max((int(it.class_ids.max()) for it in items if len(it)), default=-1)
+        class_names = [f"class{i}" for i in range(top + 1)]
+        log.warning("%s: no class names (no data.yaml, no names=); using %s…", path, class_names[:3])
+    return DetectionDataset(root, class_names, items, "yolo", split if path.is_file() else None)
+
+
+# -- COCO -----------------------------------------------------------------------------------
+def _read_coco_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")):
+        raise SourceError(f"{path} is not a COCO annotation file (expected 'images', 'annotations', 'categories')")
+    return data
+
+
+def _coco_image_dir(path: Path, data: dict[str, Any], image_dir: str | Path | None) -> Path:
+    if not data["images"]:
+        raise SourceError(f"{path} lists no images")
+    first = str(data["images"][0].get("file_name", ""))
+    if image_dir is not None:
+        d = Path(image_dir)
+        if not d.is_dir():
+            raise SourceError(f"image folder not found: {d}")
+        return d
+    # instances_val2017.json → the split is "val2017"; the images live in one of the usual places.
+    split = path.stem.split("_", 1)[1] if "_" in path.stem else path.stem
+    ann_dir = path.parent
+    candidates = [ann_dir.parent / "images" / split, ann_dir.parent / split, ann_dir / "images" / split,
+                  ann_dir / "images", ann_dir.parent / "images", ann_dir]
+    for c in candidates:
+        if (c / first).is_file():
+            return c
+    tried = ", ".join(str(c) for c in candidates)
+    raise SourceError(f"cannot find the images of {path} (looked for {first} in {tried}); pass image_dir=")
+
+
+def _load_coco(path: Path, names: Sequence[str] | None, image_dir: str | Path | None) -> DetectionDataset:
+    data = _read_coco_json(path)
+    img_dir = _coco_image_dir(path, data, image_dir)
+    cats = sorted(data["categories"], key=lambda c: int(c["id"]))
+    if names is None:
+        # Sorted COCO ids give the contiguous 80-class order YOLO uses.
+        class_names = [str(c["name"]) for c in cats]
+        cat_to_index = {int(c["id"]): i for i, c in enumerate(cats)}
+    else:
+        class_names = [str(n) for n in names]
+        lookup = {n: i for i, n in enumerate(class_names)}
+        cat_to_index = {int(c["id"]): lookup[str(c["name"])] for c in cats if str(c["name"]) in lookup}
+        if not cat_to_index:
+            raise UsageError(f"none of the names given is a category of {path}")
+    per_image: dict[int, list[dict[str, Any]]] = {}
+    dropped = 0
+    for a in data.get("annotations") or []:
+        if int(a["category_id"]) not in cat_to_index:
+            dropped += 1
+            continue
+        per_image.setdefault(int(a["image_id"]), []).append(a)
+    if dropped:
+        log.warning("%s: %d annotations of categories not in the names given were left out", path, dropped)
+    items, missing = [], []
+    for im in data["images"]:
+        p = img_dir / str(im["file_name"])
+        if not p.is_file():
+            missing.append(p)
+            continue
+        anns = per_image.get(int(im["id"]), [])
+        xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        items.append(DetectionItem(
+            p, boxes, [cat_to_index[int(a["category_id"])] for a in anns], int(im["width"]), int(im["height"]),
+            iscrowd=[int(a.get("iscrowd", 0)) for a in anns],
+            areas=[float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
+        ))
+    if missing:
+        raise SourceError(f"{len(missing)} image(s) of {path} are missing, e.g. {missing[0]}; pass image_dir=")
+    if not items:
+        raise SourceError(f"{path} lists no images")
+    items.sort(key=lambda it: it.image_path.as_posix())
+    return DetectionDataset(img_dir, class_names, items, "coco", path.stem)
+
+
+# -- entry points -------------------------------------------------------------------------------
+def dataset_kind(path: str | Path) -> str | None:
+    """"coco" for a .json, "yolo" for a data.yaml or a folder with images/ and labels/, else None."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() == ".json":
+            return "coco"
+        if p.suffix.lower() in YAML_SUFFIXES:
+            return "yolo"
+        return None
+    if p.is_dir():
+        if (p / "images").is_dir() and (p / "labels").is_dir():
+            return "yolo"
+        # An image folder inside a YOLO tree: .../images/train ↔ .../labels/train.
+        s = p.resolve().as_posix() + "/"
+        if _IMG_DIR in s and Path(s.rsplit(_IMG_DIR, 1)[0] + _LABEL_DIR + s.rsplit(_IMG_DIR, 1)[1]).is_dir():
+            return "yolo"
+    return None
+
+
+def load_detection_dataset(
+    path: str | Path,
+    *,
+    names: Sequence[str] | None = None,
+    split: str = "val",
+    image_dir: str | Path | None = None,
+) -> DetectionDataset:
+    """Load a labelled detection dataset.
+
+    ``path`` is a YOLO ``data.yaml`` (``split`` picks its images; ``path:`` in the file is
+    relative to the file), a YOLO folder with ``images/`` and ``labels/`` (``.../images/x/a.jpg``
+    ↔ ``.../labels/x/a.txt``; an image without a label file has no boxes), or a COCO annotation
+    JSON (images found beside it, e.g. ``../images/<split>``, or in ``image_dir``).
+
+    ``names`` (class index → name): for YOLO it supplies the names when there is no data.yaml
+    (it must match one that exists); for COCO it selects and orders the categories by name.
+    Without it COCO category ids map to contiguous indices in id order (COCO's 80-class order).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"dataset not found: {p}")
+    kind = dataset_kind(p)
+    if kind == "coco":
+        return _load_coco(p, names, image_dir)
+    if kind == "yolo":
+        if image_dir is not None:
+            raise UsageError("image_dir= is for COCO JSON datasets; a YOLO dataset finds its images itself")
+        return _load_yolo(p, names, split)
+    raise UsageError(
+        f"{p} is not a detection dataset: pass a YOLO data.yaml, a folder with images/ and labels/, "
+        "or a COCO annotation .json"
+    )
+
+
+def dataset_images(path: str | Path, *, split: str | None = None,
+                   image_dir: str | Path | None = None) -> tuple[str, list[Path]]:
+    """(kind, image paths) of a dataset without reading its labels, for calibration.
+
+    ``split`` for a data.yaml defaults to ``train`` (calibrate on training images), else ``val``.
+    """
+    p = Path(path)
+    kind = dataset_kind(p)
+    if kind == "coco":
+        data = _read_coco_json(p)
+        d = _coco_image_dir(p, data, image_dir)
+        return kind, sorted(d / str(im["file_name"]) for im in data["images"])
+    if kind == "yolo":
+        if p.is_file():
+            data = _read_yaml(p)
+            chosen = split or ("train" if data.get("train") else "val")
+            return kind, _yaml_split_images(p, data, chosen)
+        return kind, _yolo_folder_images(p)
+    raise UsageError(f"{p} is not a YOLO or COCO dataset")
+
+
+def to_coco_gt(dataset: DetectionDataset) -> dict[str, Any]:
+    """The dataset as a COCO ground-truth dict for pycocotools.
+
+    Image ids are 1..N in dataset order; category ids are ``class index + 1`` (:func:`category_id`).
+    ``iscrowd`` and ``area`` come from the COCO JSON when the dataset was loaded from one.
+    """
+    images, annotations = [], []
+    ann_id = 1
+    for i, item in enumerate(dataset.items):
+        image_id = i + 1
+        images.append({"id": image_id, "file_name": item.image_path.as_posix(),
+                       "width": int(item.width), "height": int(item.height)})
+        for k in range(len(item)):
+            x1, y1, x2, y2 = (float(v) for v in item.boxes[k])
+            w, h = x2 - x1, y2 - y1
+            annotations.append({
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": category_id(item.class_ids[k]),
+                "bbox": [x1, y1, w, h],
+                "area": float(item.areas[k]) if item.areas is not None else w * h,
+                "iscrowd": int(item.iscrowd[k]) if item.iscrowd is not None else 0,
+            })
+            ann_id += 1
+    categories = [{"id": category_id(i), "name": n} for i, n in enumerate(dataset.names)]
+    return {"info": {"description": f"vlexport {dataset.kind} dataset {dataset.root}"},
+            "images": images, "annotations": annotations, "categories": categories}

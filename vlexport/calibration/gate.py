@@ -1,0 +1,149 @@
+"""The accuracy gate: INT8 may lose at most ``--max-drop`` points of the task metric against FP32.
+
+When it loses more, the most sensitive nodes are kept in higher precision and the part is
+quantised again, round after round, until the drop is within budget or the gate gives up and
+says so with the figures. Sensitivity is measured per node as the error each quantised node
+*adds* to what it receives (1 − cosine of its output in the INT8 graph against FP32, minus
+the worst error among its quantised ancestors), on a few calibration images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from vlexport.errors import ExportError, UsageError
+
+log = logging.getLogger("vlexport")
+
+# Fractions of the quantisable nodes kept in higher precision in successive rounds.
+EXCLUSION_SCHEDULE = (0.05, 0.1, 0.2, 0.35, 0.5)
+
+
+def _cosine_error(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    if denom == 0:
+        return 0.0 if np.array_equal(a, b) else 1.0
+    return float(1.0 - a @ b / denom)
+
+
+def sensitivity_order(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[str]:
+    """Quantised node names, most sensitive first (ties: nodes nearer the outputs first)."""
+    from vlexport.calibration.quantize import list_quantizable_nodes, record_activations
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    nodes = [n for n, _ in list_quantizable_nodes(fp32_path)]
+    by_name = {n.name: n for n in model.graph.node}
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    tensors = [by_name[n].output[0] for n in nodes if n in by_name]
+    ref = record_activations(fp32_path, feeds, tensors)
+    got = record_activations(int8_path, feeds, tensors)
+    err = {}
+    for name in nodes:
+        t = by_name[name].output[0]
+        if t in ref and t in got:
+            err[name] = float(np.mean([_cosine_error(a, b) for a, b in zip(ref[t], got[t])]))
+    quantised = set(err)
+
+    def ancestors(name: str) -> set[str]:
+        # Nearest quantised ancestors, walking up through the nodes that are not quantised.
+        found, stack, seen = set(), list(by_name[name].input), set()
+        while stack:
+            t = stack.pop()
+            p = producer.get(t)
+            if p is None or p in seen:
+                continue
+            seen.add(p)
+            if p in quantised:
+                found.add(p)
+            else:
+                stack.extend(by_name[p].input)
+        return found
+
+    position = {n: i for i, n in enumerate(nodes)}
+    local = {n: err[n] - max((err[a] for a in ancestors(n)), default=0.0) for n in quantised}
+    return sorted(quantised, key=lambda n: (-local[n], -position[n]))
+
+
+def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: dict[str, dict[str, Any]],
+                      calib) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Measure every precision on ``prec.val`` and re-quantise until INT8 is within ``prec.max_drop``.
+
+    Mutates ``int8_info[part]["excluded_nodes"]`` and rewrites the INT8 file in the staging
+    folder. Returns (metrics per precision, one record per gate round).
+    """
+    from vlexport import runtime
+    from vlexport.calibration.datasets import load_detection_dataset
+    from vlexport.calibration.evaluate import evaluate_detector
+    from vlexport.calibration.quantize import quantize_int8
+
+    if plan.task != "detect":
+        raise UsageError(f"the accuracy gate measures detection mAP; the {plan.family} family's task is {plan.task!r}")
+    if len(int8_info) != 1:
+        raise UsageError("the accuracy gate handles one quantised part per bundle")
+    part_name, info = next(iter(int8_info.items()))
+    dataset = load_detection_dataset(prec.val)
+    calib_paths = {str(Path(n).resolve()) for n in calib.names}
+    keep = [i for i, it in enumerate(dataset.items) if str(Path(it.image_path).resolve()) not in calib_paths]
+    if not keep:
+        raise UsageError(f"every image of --val {prec.val} is a calibration image: evaluate on images the "
+                         "calibration did not see (a smaller --calib-size or another --calib source)")
+    eval_set = dataset.subset(keep)
+    log.info("accuracy gate: %d evaluation image(s) from %s, disjoint from the %d calibration image(s)",
+             len(keep), prec.val, len(calib_paths))
+
+    files = manifest["parts"][part_name]["files"]
+
+    def evaluate(precision: str):
+        staging = writer.provisional(manifest)
+        task = runtime.load(staging, precision=precision, backend="onnxruntime", score_threshold=0.001,
+                            max_detections=300)
+        try:
+            return evaluate_detector(task, eval_set, progress=True)
+        finally:
+            task.close()
+
+    metrics: dict[str, dict[str, float]] = {}
+    m32 = evaluate("fp32")
+    metrics["fp32"] = m32.to_dict()
+    if "fp16" in files:
+        metrics["fp16"] = evaluate("fp16").to_dict()
+    fp32_path = writer.path(files["fp32"])
+    int8_path = writer.path(files["int8"])
+    feeds = info["inputs"]
+    quantisable = None
+    order: list[str] | None = None
+    excluded: list[str] = list(info["excluded_nodes"])
+    rounds: list[dict[str, Any]] = []
+    for r in range(prec.max_gate_rounds + 1):
+        m8 = evaluate("int8")
+        drop = 100.0 * (m32.map50_95 - m8.map50_95)
+        rounds.append({"round": r, "excluded_nodes": len(excluded), "int8_map50_95": m8.map50_95,
+                       "int8_map50": m8.map50, "drop_points": drop})
+        log.info("gate round %d: %d node(s) kept in higher precision, INT8 mAP50-95 %.4f vs FP32 %.4f (drop %.2f points, budget %.2f)",
+                 r, len(excluded), m8.map50_95, m32.map50_95, drop, prec.max_drop)
+        if drop <= prec.max_drop:
+            break
+        if r == prec.max_gate_rounds:
+            table = "; ".join(f"round {x['round']}: {x['excluded_nodes']} kept, drop {x['drop_points']:.2f}" for x in rounds)
+            raise ExportError(
+                f"INT8 stays {drop:.2f} points of mAP50-95 below FP32 ({m8.map50_95:.4f} vs {m32.map50_95:.4f}), over "
+                f"--max-drop {prec.max_drop}, after {r} rounds ({table}); raise --max-drop, try another "
+                "--calib-method or more --calib-size"
+            )
+        if order is None:
+            order = sensitivity_order(fp32_path, int8_path, feeds[: min(8, len(feeds))])
+            quantisable = len(order)
+        n = max(1, math.ceil(EXCLUSION_SCHEDULE[min(r, len(EXCLUSION_SCHEDULE) - 1)] * quantisable))
+        excluded = order[:n]
+        q = quantize_int8(fp32_path, int8_path, feeds, method=prec.calib_method, exclude_nodes=excluded)
+        info["excluded_nodes"] = list(q.excluded_nodes)
+    metrics["int8"] = m8.to_dict()
+    return metrics, rounds

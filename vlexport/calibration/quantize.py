@@ -1,0 +1,437 @@
+"""Post-training INT8 quantisation of an FP32 ONNX part into an explicit QDQ graph.
+
+The graph follows TensorRT's explicit-quantisation convention, which onnxruntime's CPU provider
+also runs (it fuses the ``DequantizeLinear → Conv → QuantizeLinear`` groups into integer kernels):
+
+* ``QuantizeLinear``/``DequantizeLinear`` pairs (QDQ format), int8 everywhere, zero point 0
+  (symmetric activations and weights: TensorRT supports nothing else);
+* weights pre-quantised to int8 per output channel (TensorRT ≥ 10 takes int8 initialisers
+  behind a ``DequantizeLinear``; it keeps the file 4x smaller than float weights + Q/DQ);
+* biases left in float (TensorRT cannot dequantise int32, it folds the bias itself);
+* Q/DQ only around the weighted ops (Conv, ConvTranspose, MatMul, Gemm) by default, never on
+  decoding ops (Sigmoid/Softmax/Concat of box coordinates, TopK, Gather), where int8 destroys
+  accuracy and which TensorRT runs in float anyway.
+
+Calibration runs the FP32 graph on a few inputs at a time (bounded memory even for entropy
+histograms of 640x640 detectors) and hands the ranges to ``quantize_static`` through its
+calibration cache. No torch here: numpy, onnx and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+from vlexport.errors import ExportError, SourceError, UsageError
+
+__all__ = [
+    "CALIB_METHODS",
+    "DEFAULT_OP_TYPES",
+    "QUANTIZABLE_OP_TYPES",
+    "ArrayCalibrationReader",
+    "QuantizeResult",
+    "quantize_int8",
+    "list_quantizable_nodes",
+    "node_order",
+    "exclusion_candidates",
+    "quantized_node_names",
+    "record_activations",
+    "activation_ranges",
+]
+
+log = logging.getLogger("vlexport")
+
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+_ORT_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+# Weighted ops: where int8 pays (TensorRT and ORT CPU both have int8 kernels for them).
+DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# What op_types= may name: the weighted ops plus the ops that pass int8 through on both
+# TensorRT and onnxruntime (pooling, residual Add, resize, concat).
+QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("MaxPool", "AveragePool", "GlobalAveragePool", "Add", "Resize", "Concat")
+# Calibration inputs run per collection pass: bounds the memory the calibrators hold.
+_CHUNK = 8
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+# A model proto above this is saved with external data (protobuf cannot serialise 2 GiB).
+_PROTO_LIMIT = 1_800_000_000
+
+
+class ArrayCalibrationReader(CalibrationDataReader):
+    """onnxruntime's calibration reader over a list of feed dicts (input name → array)."""
+
+    def __init__(self, inputs: Sequence[dict[str, np.ndarray]]):
+        self._inputs = list(inputs)
+        self._start, self._end = 0, len(self._inputs)
+        self._pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._start + self._pos >= self._end:
+            return None
+        feed = self._inputs[self._start + self._pos]
+        self._pos += 1
+        return feed
+
+    def rewind(self) -> None:
+        """Start again from the first input of the current range."""
+        self._pos = 0
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._start = max(0, start_index)
+        self._end = min(len(self._inputs), end_index)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._inputs)
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize_int8` wrote: the file, which weighted nodes run in int8, which stayed float."""
+
+    path: Path
+    quantized_nodes: list[str]
+    excluded_nodes: list[str]
+    method: str
+    seconds: float
+    calibration_count: int = 0
+    per_channel: bool = True
+    op_types: list[str] = field(default_factory=lambda: list(DEFAULT_OP_TYPES))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``calibration`` fields this result provides."""
+        return {
+            "method": self.method,
+            "count": self.calibration_count,
+            "per_channel": self.per_channel,
+            "op_types": list(self.op_types),
+            "quantized_nodes": len(self.quantized_nodes),
+            "excluded_nodes": list(self.excluded_nodes),
+        }
+
+
+# -- graph helpers --------------------------------------------------------------------------------
+def _load(onnx_path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
+    p = Path(onnx_path)
+    if not p.is_file():
+        raise SourceError(f"ONNX model not found: {p}")
+    try:
+        return onnx.load(str(p), load_external_data=load_weights)
+    except Exception as e:  # DecodeError and friends
+        raise SourceError(f"cannot read ONNX model {p}: {e}") from e
+
+
+def node_order(onnx_path: str | Path) -> list[str]:
+    """Names of all nodes in graph (topological) order, inputs first, outputs last."""
+    return [n.name for n in _load(onnx_path, load_weights=False).graph.node]
+
+
+def list_quantizable_nodes(onnx_path: str | Path, op_types: Sequence[str] = DEFAULT_OP_TYPES) -> list[tuple[str, str]]:
+    """(name, op_type) of the nodes :func:`quantize_int8` would quantise, in graph order."""
+    wanted = set(op_types)
+    return [(n.name, n.op_type) for n in _load(onnx_path, load_weights=False).graph.node if n.op_type in wanted]
+
+
+def exclusion_candidates(onnx_path: str | Path, op_types: Sequence[str] = DEFAULT_OP_TYPES) -> list[str]:
+    """Quantisable nodes from the graph's end backwards: heads and decoding first.
+
+    The accuracy gate leaves these in float one after another until INT8 is accurate enough;
+    the last layers are both the most sensitive and the cheapest to keep in float.
+    """
+    return [name for name, _ in reversed(list_quantizable_nodes(onnx_path, op_types))]
+
+
+def quantized_node_names(model: onnx.ModelProto | str | Path, op_types: Sequence[str] = DEFAULT_OP_TYPES) -> list[str]:
+    """Nodes of ``op_types`` that read a ``DequantizeLinear`` output, i.e. run in int8 (graph order)."""
+    m = model if isinstance(model, onnx.ModelProto) else _load(model, load_weights=False)
+    dq_outputs = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    wanted = set(op_types)
+    return [n.name for n in m.graph.node if n.op_type in wanted and any(i in dq_outputs for i in n.input)]
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    big = model.ByteSize() > _PROTO_LIMIT
+    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+              location=path.name + ".data" if big else None)
+
+
+def _check_inputs(model: onnx.ModelProto, inputs: Sequence[dict[str, np.ndarray]], what: str) -> None:
+    init = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in init]
+    for k, feed in enumerate(inputs):
+        if not isinstance(feed, dict):
+            raise UsageError(f"{what}: input {k} is a {type(feed).__name__}, expected a dict of input name → array")
+        missing = [n for n in names if n not in feed]
+        extra = [n for n in feed if n not in names]
+        if missing or extra:
+            raise UsageError(f"{what}: input {k} has {sorted(feed)}, the model takes {names}")
+        for n, arr in feed.items():
+            if not isinstance(arr, np.ndarray):
+                raise UsageError(f"{what}: input {k} {n!r} is a {type(arr).__name__}, expected a numpy array")
+
+
+# -- quantisation ---------------------------------------------------------------------------------
+def _preprocess(src: Path, dst: Path) -> Path:
+    """Shape inference before quantisation (a tensor of unknown shape cannot be quantised).
+
+    Graph optimisation is skipped on purpose: it would rename or fuse nodes, and the accuracy
+    gate excludes nodes by their names in the FP32 file.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(str(src), str(dst), skip_optimization=True)
+        return dst
+    except Exception as e:  # symbolic shape inference gives up on some graphs; plain inference suffices
+        log.warning("quantisation pre-processing skipped (%s: %s)", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return src
+
+
+def _calibrate(model_path: Path, inputs: Sequence[dict[str, np.ndarray]], method: str, percentile: float,
+               op_types: Sequence[str], workdir: Path, providers: Sequence[str] | None) -> Path:
+    """Collect activation ranges a few inputs at a time; returns the calibration cache file."""
+    options: dict[str, Any] = {"symmetric": True}
+    if method == "percentile":
+        options["percentile"] = percentile
+    calibrator = create_calibrator(
+        model_path,
+        list(op_types),
+        augmented_model_path=str(workdir / "augmented.onnx"),
+        calibrate_method=_ORT_METHODS[method],
+        use_external_data_format=model_path.stat().st_size > _PROTO_LIMIT,
+        providers=list(providers) if providers else ["CPUExecutionProvider"],
+        extra_options=options,
+    )
+    n = len(inputs)
+    for start in range(0, n, _CHUNK):
+        chunk = inputs[start:start + _CHUNK]
+        # The histogram collector prints a line per pass; the progress goes to the log instead.
+        with contextlib.redirect_stdout(io.StringIO()):
+            calibrator.collect_data(ArrayCalibrationReader(chunk))
+        log.info("calibrating (%s): %d/%d inputs", method, min(start + _CHUNK, n), n)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ranges = calibrator.compute_data()
+    del calibrator
+    cache = workdir / "calibration.json"
+    save_tensors_data(ranges, cache)
+    return cache
+
+
+def quantize_int8(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    inputs: Sequence[dict[str, np.ndarray]],
+    *,
+    method: str = "entropy",
+    per_channel: bool = True,
+    exclude_nodes: Iterable[str] = (),
+    percentile: float = 99.999,
+    op_types: Sequence[str] = DEFAULT_OP_TYPES,
+    providers: Sequence[str] | None = None,
+) -> QuantizeResult:
+    """Quantise an FP32 ONNX graph to an explicit INT8 QDQ graph (see the module docstring).
+
+    ``inputs``: calibration feeds (input name → array), pre-processed exactly as the runtime does.
+    ``method``: ``minmax``, ``entropy`` (KL divergence, TensorRT's default) or ``percentile``
+    (with ``percentile``). ``exclude_nodes``: node names to keep in float. ``providers``: the
+    onnxruntime providers the calibration runs on (CPU by default).
+
+    ``out_path`` is written atomically; the result passes ``onnx.checker``.
+    """
+    t0 = time.perf_counter()
+    if method not in CALIB_METHODS:
+        raise UsageError(f"unknown calibration method {method!r}; choose one of {list(CALIB_METHODS)}")
+    inputs = list(inputs)
+    if not inputs:
+        raise UsageError(
+            "INT8 needs calibration data: pass --calib SOURCE (an image folder, video, or dataset) "
+            "with representative images"
+        )
+    if not 0.0 < float(percentile) <= 100.0:
+        raise UsageError(f"percentile must lie in (0, 100], got {percentile}")
+    unknown_ops = sorted(set(op_types) - set(QUANTIZABLE_OP_TYPES))
+    if not op_types or unknown_ops:
+        raise UsageError(f"cannot quantise op types {unknown_ops or '(none)'}; choose from {list(QUANTIZABLE_OP_TYPES)}")
+    src = Path(fp32_path)
+    out = Path(out_path)
+    model = _load(src, load_weights=False)
+    _check_inputs(model, inputs, "calibration")
+    exclude = list(dict.fromkeys(exclude_nodes))
+    names = {n.name for n in model.graph.node}
+    missing = [n for n in exclude if n not in names]
+    if missing:
+        raise UsageError(f"cannot exclude {missing[:3]} from quantisation: {src.name} has no such node")
+    if not out.parent.is_dir():
+        raise UsageError(f"output folder not found: {out.parent}")
+    del model
+
+    with tempfile.TemporaryDirectory(prefix=".vlexport-quant-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        log.info("INT8: preparing %s…", src.name)
+        prepared = _preprocess(src, work / "prepared.onnx")
+        cache = _calibrate(prepared, inputs, method, float(percentile), op_types, work, providers)
+        log.info("INT8: inserting Q/DQ (%s, %s)…", method, "per-channel" if per_channel else "per-tensor")
+        staged = work / out.name
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(prepared),
+                str(staged),
+                calibration_data_reader=None,
+                calibration_cache_path=str(cache),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(op_types),
+                per_channel=per_channel,
+                reduce_range=False,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                calibrate_method=_ORT_METHODS[method],
+                extra_options={
+                    "ActivationSymmetric": True,  # zero point 0: TensorRT's only convention
+                    "WeightSymmetric": True,
+                    "QuantizeBias": False,  # TensorRT cannot dequantise int32 biases
+                    "MatMulConstBOnly": False,
+                    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # output channels of B [K, N]
+                    "DedicatedQDQPair": False,
+                },
+            )
+        quantized = onnx.load(str(staged))
+        try:
+            onnx.checker.check_model(quantized if quantized.ByteSize() < _PROTO_LIMIT else str(staged))
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"the INT8 graph of {src.name} fails the ONNX checker: {str(e).splitlines()[0]}") from e
+        done = quantized_node_names(quantized, op_types)
+        excluded = list(exclude)
+        del quantized
+        _replace(staged, out)
+    seconds = time.perf_counter() - t0
+    log.info("INT8: %s written (%d nodes in int8, %d kept in float, %.1f s)", out.name, len(done), len(excluded), seconds)
+    return QuantizeResult(out, done, excluded, method, seconds, calibration_count=len(inputs),
+                          per_channel=per_channel, op_types=list(op_types))
+
+
+def _replace(staged: Path, out: Path) -> None:
+    """Move the staged model (and its external data, if any) into place atomically."""
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, out.with_name(out.name + ".data"))
+    os.replace(staged, out)
+
+
+# -- activations ------------------------------------------------------------------------------------
+def _session_with_outputs(onnx_path: str | Path, tensor_names: Sequence[str] | None) -> tuple[Any, list[str]]:
+    """A CPU session over a copy of the model whose outputs include ``tensor_names``
+    (all node outputs when None); returns it and the names of the outputs it fetches."""
+    import onnxruntime as ort
+
+    from vlexport.runtime.backends.onnxruntime import DISABLED_OPTIMIZERS
+
+    path = Path(onnx_path)
+    model = _load(path)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is a convenience here: outputs may be declared untyped
+        inferred = model
+    types = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    produced = [o for n in model.graph.node for o in n.output if o]
+    existing = [o.name for o in model.graph.output]
+    if tensor_names is None:
+        wanted = [t for t in produced
+                  if t not in types or types[t].type.tensor_type.elem_type in _FLOAT_TYPES]
+    else:
+        wanted = list(dict.fromkeys(tensor_names))
+        known = set(produced) | {i.name for i in model.graph.input}
+        missing = [t for t in wanted if t not in known]
+        if missing:
+            raise UsageError(f"{path.name} has no tensor(s) {missing[:3]}")
+    for t in wanted:
+        if t in existing:
+            continue
+        model.graph.output.append(types[t] if t in types else onnx.helper.make_empty_tensor_value_info(t))
+        existing.append(t)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if model.ByteSize() > _PROTO_LIMIT:
+        tmp = tempfile.TemporaryDirectory(prefix=".vlexport-act-")
+        p = Path(tmp.name) / "model.onnx"
+        _save(model, p)
+        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        sess._vlexport_tmp = tmp  # keep the folder alive with the session
+    else:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    return sess, wanted
+
+
+def _run_each(sess: Any, names: list[str], inputs: Sequence[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    for feed in inputs:
+        yield dict(zip(names, sess.run(names, feed)))
+
+
+def record_activations(
+    onnx_path: str | Path, inputs: Sequence[dict[str, np.ndarray]], tensor_names: Sequence[str]
+) -> dict[str, list[np.ndarray]]:
+    """Run the graph on each feed and return the values of ``tensor_names`` (one array per feed).
+
+    Any tensor works: a node output, a graph input or output. Used to calibrate a part that runs
+    inside another one (record its inputs while the outer part runs) and to look at activations.
+    """
+    inputs = list(inputs)
+    sess, names = _session_with_outputs(onnx_path, tensor_names)
+    model_inputs = {i.name for i in sess.get_inputs()}
+    _check_feed_names(model_inputs, inputs, Path(onnx_path).name)
+    out: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    fetch = [t for t in names if t not in model_inputs]
+    for k, values in enumerate(_run_each(sess, fetch, inputs)):
+        for t in names:
+            out[t].append(inputs[k][t] if t in model_inputs else values[t])
+    return out
+
+
+def activation_ranges(onnx_path: str | Path, inputs: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """max |value| of every float tensor a node produces, over all feeds (FP16 overflow checks:
+    float16 tops out at 65504). A non-finite activation shows up as inf or nan."""
+    inputs = list(inputs)
+    sess, names = _session_with_outputs(onnx_path, None)
+    _check_feed_names({i.name for i in sess.get_inputs()}, inputs, Path(onnx_path).name)
+    ranges: dict[str, float] = {}
+    for values in _run_each(sess, names, inputs):
+        for t, v in values.items():
+            if not isinstance(v, np.ndarray) or v.dtype.kind != "f":
+                continue
+            m = float(np.max(np.abs(v))) if v.size else 0.0
+            prev = ranges.get(t)
+            # A nan anywhere must survive the reduction: it is exactly what the check looks for.
+            if prev is None or np.isnan(m) or (not np.isnan(prev) and m > prev):
+                ranges[t] = m
+    return ranges
+
+
+def _check_feed_names(expected: set[str], inputs: Sequence[dict[str, np.ndarray]], what: str) -> None:
+    for k, feed in enumerate(inputs):
+        if not isinstance(feed, dict) or set(feed) != expected:
+            got = sorted(feed) if isinstance(feed, dict) else type(feed).__name__
+            raise UsageError(f"{what}: input {k} has {got}, the model takes {sorted(expected)}")

@@ -1,0 +1,153 @@
+"""The `yolo` family: an Ultralytics YOLOv8/YOLOv5(u) detection checkpoint → part `detector`.
+
+Closed vocabulary (the checkpoint's class names); the same bundle contract as KDEOV's
+detector, so the same runtime runs it. This is the real-weights reference of the project.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlexport.errors import CheckpointError, UsageError
+from vlexport.export.part import OutputTolerance, Part
+from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.samples import parity_batch
+from vlexport.runtime.bundle import sha256_file
+from vlexport.runtime.spec import PartIO, TensorSpec
+
+log = logging.getLogger("vlexport")
+
+
+@dataclass
+class YoloExportOptions:
+    """Every knob of `vlexport yolo`."""
+
+    checkpoint: Path
+    out: Path
+    trust_checkpoint: bool = False
+    arch: str | None = None
+    imgsz: int = 640
+    opset: int = 17
+    dynamic_batch: bool = False
+    parity_source: str | None = None
+    parity_count: int = 4
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.7
+    max_detections: int = 300
+    overwrite: bool = False
+    precision: PrecisionOptions | None = None
+
+
+class YoloDetectorGraph(nn.Module):
+    """Export wrapper: image → (boxes xyxy, best class score, class id) from the Detect head.
+
+    The best score is ``sigmoid(max_c logit_c)`` (sigmoid is monotonic, so the max is taken on
+    the logits and only one sigmoid per anchor is computed).
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor):
+        feats = self.backbone(images)
+        boxes = self.backbone.box_regression(feats)
+        head = self.backbone.detect
+        logits = torch.cat([head.cv3[i](f).flatten(2) for i, f in enumerate(feats)], 2)  # [B, nc, N]
+        top, class_ids = logits.max(dim=1)
+        return boxes, torch.sigmoid(top), class_ids.to(torch.int32)
+
+    def reference(self, images: torch.Tensor):
+        """Ultralytics' own forward (xywh boxes, sigmoid scores), reduced to the same outputs."""
+        y = self.backbone.net(images)
+        y = y[0] if isinstance(y, (tuple, list)) else y  # [B, 4 + nc, N]
+        xy, wh = y[:, :2], y[:, 2:4]
+        boxes = torch.cat((xy - wh / 2, xy + wh / 2), 1).transpose(1, 2)
+        scores, class_ids = y[:, 4:].max(dim=1)
+        return boxes, scores, class_ids.to(torch.int32)
+
+
+def detect_arch(checkpoint: Path, trust: bool) -> str:
+    """The architecture name (e.g. ``yolov8n``) recorded in an Ultralytics checkpoint."""
+    from vlexport.models.backbones import BACKBONE_NAMES, load_checkpoint_file
+
+    obj = load_checkpoint_file(checkpoint, trust=trust, what="YOLO checkpoint")
+    model = obj.get("ema") or obj.get("model") if isinstance(obj, dict) else None
+    yaml_file = str((getattr(model, "yaml", None) or {}).get("yaml_file", ""))
+    arch = Path(yaml_file).stem.replace("yolov5su", "yolov5s").removesuffix("u")
+    if arch not in BACKBONE_NAMES or arch == "simple":
+        raise CheckpointError(
+            f"cannot tell the architecture of {checkpoint} (yaml {yaml_file!r}); pass --arch "
+            f"({', '.join(n for n in BACKBONE_NAMES if n != 'simple')})"
+        )
+    return arch
+
+
+def build_plan(opts: YoloExportOptions) -> ExportPlan:
+    """Load the checkpoint and describe the `detector` part."""
+    from vlexport.models.backbones import LightweightVisualBackbone
+
+    if opts.imgsz < 32 or opts.imgsz % 32:
+        raise UsageError(f"--imgsz must be a multiple of 32 and at least 32, got {opts.imgsz}")
+    if not Path(opts.checkpoint).is_file():
+        raise UsageError(f"--checkpoint {opts.checkpoint}: no such file")
+    arch = opts.arch
+    if arch is None:
+        obj_is_state_dict = _is_plain_state_dict(opts.checkpoint)
+        arch = "yolov8n" if obj_is_state_dict else detect_arch(opts.checkpoint, opts.trust_checkpoint)
+    log.info("loading %s from %s…", arch, opts.checkpoint)
+    backbone = LightweightVisualBackbone(arch, checkpoint=opts.checkpoint, trust_checkpoint=opts.trust_checkpoint).eval()
+    names = backbone.source_names or [f"class{i}" for i in range(backbone.num_source_classes)]
+    size = opts.imgsz
+    preprocess = {"size": [size, size], "resize": "letterbox", "pad_value": 114, "color": "RGB",
+                  "scale": 1.0 / 255.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    images, source = parity_batch(preprocess, opts.parity_source, opts.parity_count)
+    batch: int | str = "batch" if opts.dynamic_batch else 1
+    graph = YoloDetectorGraph(backbone).eval()
+    detector = Part(
+        name="detector",
+        module=graph,
+        reference=graph.reference,
+        io=PartIO(inputs=(TensorSpec("images", "float32", (batch, 3, size, size)),),
+                  outputs=(TensorSpec("boxes", "float32", (batch, "anchors", 4)),
+                           TensorSpec("scores", "float32", (batch, "anchors")),
+                           TensorSpec("class_ids", "int32", (batch, "anchors")))),
+        make_inputs=lambda x: (x,),
+        tolerances={
+            "fp32": {"boxes": OutputTolerance(max_abs=1e-2), "scores": OutputTolerance(max_abs=1e-4),
+                     "class_ids": OutputTolerance(min_agreement=0.99)},
+            "fp16": {"boxes": OutputTolerance(min_cosine=0.999), "scores": OutputTolerance(min_cosine=0.999)},
+        },
+        quantize=True,
+    )
+    provenance: dict[str, Any] = {"checkpoint": str(opts.checkpoint), "checkpoint_sha256": sha256_file(opts.checkpoint),
+                                  "arch": arch, "classes_from": "checkpoint"}
+    return ExportPlan(
+        family="yolo", task="detect", preset=arch, parts=[detector], parity_images=images, parity_source=source,
+        preprocess=preprocess,
+        postprocess={"score_threshold": opts.score_threshold, "iou_threshold": opts.iou_threshold,
+                     "max_detections": opts.max_detections, "class_agnostic": False},
+        vocabulary={"classes": names, "templates": None, "mode": "closed"},
+        provenance=provenance, model={"arch": arch, "num_classes": len(names)},
+    )
+
+
+def _is_plain_state_dict(path: Path) -> bool:
+    """True for a ``{"state_dict", "names"}`` file (loads without unpickling code)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # an Ultralytics pickle or a corrupt file: the backbone loader reports which
+        return False
+    return isinstance(obj, dict) and "state_dict" in obj
+
+
+def export_yolo(opts: YoloExportOptions) -> ExportReport:
+    """Build the plan and write the bundle (see :func:`write_bundle`)."""
+    plan = build_plan(opts)
+    return write_bundle(plan, opts.out, precision=opts.precision, opset=opts.opset, overwrite=opts.overwrite)
