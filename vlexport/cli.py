@@ -262,6 +262,38 @@ def inspect_cmd(bundle: Path, as_json: bool, verify: bool) -> None:
     click.echo(describe_bundle(b, verified=verify))
 
 
+# --------------------------------------------------------------------------- build (TensorRT)
+@cli.command("build")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--fp16", "want", flag_value="fp16", help="Build FP16 engines only.")
+@click.option("--int8", "want", flag_value="int8", help="Build INT8 engines only (from the QDQ graph).")
+@click.option("--fp32", "want", flag_value="fp32", help="Build FP32 engines only.")
+@click.option("--force", is_flag=True, help="Rebuild even when a matching engine exists.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch of dynamic-batch parts.")
+def build_cmd(bundle: Path, want: str | None, force: bool, max_batch: int) -> None:
+    """Build TensorRT engines for this GPU from the bundle's ONNX (cached, keyed by ONNX hash,
+    TensorRT version, GPU name and precision; recorded in the manifest).
+
+    \b
+    Examples:
+      vlexport build bundles/yolo-yolov8n            # every precision the bundle has
+      vlexport build bundles/yolo-yolov8n --int8
+    """
+    from vlexport.runtime.backends.tensorrt import require_tensorrt
+    from vlexport.runtime.bundle import Bundle
+    from vlexport.runtime.engines import engine_precisions, ensure_engine
+
+    b = Bundle.open(bundle)
+    require_tensorrt()
+    for name in b.part_names:
+        part = b.part(name)
+        for precision in engine_precisions(part.files):
+            if want and precision != want:
+                continue
+            path = ensure_engine(b.root, name, precision, force=force, batch=(1, 1, max_batch))
+            click.echo(f"{name}/{precision}: {path.name}")
+
+
 # --------------------------------------------------------------------------- validate
 @cli.command("validate")
 @click.argument("bundle", type=click.Path(path_type=Path))
@@ -298,7 +330,8 @@ def validate_cmd(bundle: Path, data: str, precisions: tuple[str, ...], max_image
 @click.option("--save", type=click.Path(path_type=Path), help="Write an annotated video (or image, for a single image).")
 @click.option("--jsonl", type=click.Path(path_type=Path), help="Write one JSON record per frame.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Default: the fastest the bundle has for this device.")
-@click.option("--backend", type=click.Choice(["onnxruntime"]), help="Inference backend (default: best available).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="Inference backend (default: TensorRT when usable, else onnxruntime with its best provider).")
 @click.option("--threads", type=click.IntRange(1), help="Inference threads (CPU).")
 @click.option("--score-threshold", type=float, help="Override the bundle's score threshold.")
 @click.option("--iou-threshold", type=float, help="Override the bundle's NMS IoU threshold.")

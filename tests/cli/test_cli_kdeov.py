@@ -184,3 +184,16 @@ def test_unreadable_image_and_video(tmp_path, tiny_bundle):
     assert not out.exists()
     r = invoke("run", str(tiny_bundle), "--source", str(tmp_path / "missing.mp4"), "--no-progress")
     assert_one_line_error(r, "missing.mp4")
+
+
+def test_build_without_tensorrt_says_why(tiny_bundle):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: the real build path is tested in tests/runtime")
+    except ImportError:
+        pass
+    r = invoke("build", str(tiny_bundle))
+    assert_one_line_error(r, "TensorRT is not installed", "vlexport[trt]")
+    r = invoke("run", str(tiny_bundle), "--source", "x.jpg", "--backend", "tensorrt")
+    assert_one_line_error(r, "TensorRT")

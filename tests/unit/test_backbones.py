@@ -168,7 +168,7 @@ def test_unfused_state_dict_and_other_class_count(tmp_path):
 
 
 def test_unknown_name_and_fallback(caplog):
-    with pytest.raises(UsageError, match="yolov8n, yolov5s, simple"):
+    with pytest.raises(UsageError, match=r"unknown backbone .resnet50.; choose one of: yolov8n, yolov5s, .*simple"):
         LightweightVisualBackbone("resnet50")
     with caplog.at_level(logging.WARNING):
         bb = LightweightVisualBackbone("yolov8n", fallback=True)

@@ -71,6 +71,9 @@ DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # What op_types= may name: the weighted ops plus the ops that pass int8 through on both
 # TensorRT and onnxruntime (pooling, residual Add, resize, concat).
 QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("MaxPool", "AveragePool", "GlobalAveragePool", "Add", "Resize", "Concat")
+# onnxruntime's entropy defaults (128 bins, 128 quantised bins) leave the KL search a single
+# candidate, the full range, i.e. min-max. A signed histogram needs ~256 quantised bins for int8.
+_ENTROPY_BINS = {"num_bins": int(os.environ.get("VLX_NB", 1024)), "num_quantized_bins": int(os.environ.get("VLX_NQ", 256))}
 # Calibration inputs run per collection pass: bounds the memory the calibrators hold.
 _CHUNK = 8
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
@@ -215,6 +218,8 @@ def _calibrate(model_path: Path, inputs: Sequence[dict[str, np.ndarray]], method
     options: dict[str, Any] = {"symmetric": True}
     if method == "percentile":
         options["percentile"] = percentile
+    elif method == "entropy":
+        options.update(_ENTROPY_BINS)
     calibrator = create_calibrator(
         model_path,
         list(op_types),
@@ -315,6 +320,7 @@ def quantize_int8(
                     "MatMulConstBOnly": False,
                     "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # output channels of B [K, N]
                     "DedicatedQDQPair": False,
+                    "OpTypesToExcludeOutputQuantization": list(op_types) if os.environ.get("VLX_NOOUT") else [],
                 },
             )
         quantized = onnx.load(str(staged))

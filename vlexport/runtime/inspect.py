@@ -64,11 +64,12 @@ def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
     for w in m.get("warnings") or []:
         lines.append(f"warning    {w}")
     lines.append(f"files      {len(m['files'])} listed" + (", all sha256 verified" if verified else " (not verified)"))
-    try:
-        from vlexport.runtime.backends import describe_backends
+    from vlexport.runtime.backends import describe_backends, preferred_backend
 
-        usable = [b["name"] for b in describe_backends() if b.get("available")]
-        lines.append(f"backend    would use {usable[0] if usable else 'none'} (available: {', '.join(usable) or 'none'})")
-    except ImportError:
-        pass
+    backends = describe_backends()
+    usable = [b["name"] for b in backends if b.get("available")]
+    lines.append(f"backend    would use {preferred_backend()} (available: {', '.join(usable) or 'none'})")
+    for b in backends:
+        if not b.get("available") and b.get("reason"):
+            lines.append(f"           {b['name']}: unavailable ({b['reason']})")
     return "\n".join(lines)
