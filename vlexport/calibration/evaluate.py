@@ -11,8 +11,8 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,17 +36,20 @@ class DetectionMetrics:
     detections: int
     per_class: dict[str, float] | None
     seconds: float
+    classes: list[str] = field(default_factory=list)  # the dataset classes scored (the detector's)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: AP as fractions (``mAP50-95``) and as points ×100 (``mAP50-95_pts``)."""
+        """JSON-ready, keyed like the attributes: AP as fractions (``map50_95``) and as points
+        ×100 (``map50_95_points``), as the manifest and the CLI report them."""
         d: dict[str, Any] = {
-            "mAP50-95": round(float(self.map50_95), 5),
-            "mAP50": round(float(self.map50), 5),
-            "mAP50-95_pts": round(100.0 * float(self.map50_95), 2),
-            "mAP50_pts": round(100.0 * float(self.map50), 2),
+            "map50_95": round(float(self.map50_95), 5),
+            "map50": round(float(self.map50), 5),
+            "map50_95_points": round(100.0 * float(self.map50_95), 2),
+            "map50_points": round(100.0 * float(self.map50), 2),
             "images": int(self.images),
             "detections": int(self.detections),
             "seconds": round(float(self.seconds), 2),
+            "classes": len(self.classes),
         }
         if self.per_class is not None:
             d["per_class"] = {k: round(float(v), 5) for k, v in self.per_class.items()}
@@ -63,20 +66,27 @@ def _pycocotools() -> tuple[Any, Any]:
 
 
 def coco_evaluate(
-    gt_dict: dict[str, Any], predictions: Sequence[dict[str, Any]], *, per_class: bool = False
+    gt_dict: dict[str, Any],
+    predictions: Sequence[dict[str, Any]],
+    *,
+    per_class: bool = False,
+    category_ids: Iterable[int] | None = None,
 ) -> tuple[float, float, dict[int, float] | None]:
     """(mAP50-95, mAP50, per-category AP50-95 or None) of COCO-format ``predictions``
     (``image_id``, ``category_id``, ``bbox`` xywh, ``score``) against ``gt_dict``.
 
-    No prediction gives 0.0 (pycocotools itself cannot load an empty result list). Categories
-    without ground truth do not count, as in COCO.
+    ``category_ids`` limits the score to those categories (those a detector can predict); by
+    default all. Categories without ground truth do not count, as in COCO. No prediction gives
+    0.0 (pycocotools itself cannot load an empty result list).
     """
-    if not gt_dict.get("annotations"):
-        raise UsageError("the evaluation images have no ground-truth boxes, so mAP is undefined")
+    cats = sorted({int(c["id"]) for c in gt_dict.get("categories", [])} if category_ids is None
+                  else {int(c) for c in category_ids})
+    present = sorted({int(a["category_id"]) for a in gt_dict.get("annotations", [])
+                      if not a.get("iscrowd", 0)} & set(cats))
+    if not present:
+        raise UsageError("the evaluation images have no ground-truth boxes of the classes scored, so mAP is undefined")
     if not predictions:
-        zeros = {int(c["id"]): 0.0 for c in gt_dict.get("categories", [])
-                 if any(a["category_id"] == c["id"] and not a.get("iscrowd", 0) for a in gt_dict["annotations"])}
-        return 0.0, 0.0, zeros if per_class else None
+        return 0.0, 0.0, {c: 0.0 for c in present} if per_class else None
     COCO, COCOeval = _pycocotools()
     image_ids = {int(im["id"]) for im in gt_dict["images"]}
     cat_ids = {int(c["id"]) for c in gt_dict["categories"]}
@@ -93,6 +103,7 @@ def coco_evaluate(
         gt.createIndex()
         dt = gt.loadRes([dict(p) for p in predictions])
         ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.catIds = cats
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -150,9 +161,11 @@ def evaluate_detector(
     of ``dataset`` and score it with pycocotools.
 
     Predicted classes map to the dataset's by name, so a closed-vocabulary COCO bundle and an
-    open-vocabulary one with any subset of COCO's names both work; classes the dataset does not
-    have are ignored. ``max_images`` evaluates the first N images only. For a fair score use
-    images the model was not calibrated on (:meth:`DetectionDataset.disjoint_split`).
+    open-vocabulary one with any subset of COCO's names both work: only the classes both know
+    are scored (a 4-class vocabulary is not charged for the 76 COCO classes it cannot name), and
+    detections of classes the dataset lacks are ignored. ``max_images`` evaluates the first N
+    images only. For a fair score use images the model was not calibrated on
+    (:meth:`DetectionDataset.disjoint_split`).
 
     Set the task's ``score_threshold`` low (e.g. 0.001) for a COCO-comparable mAP: detections it
     drops can never count.
@@ -180,18 +193,22 @@ def evaluate_detector(
                 f"{item.image_path} decodes to {w}x{h} but its annotations say {item.width}x{item.height}"
             )
         det = task.detect(image)
-        for box, score, cls in zip(np.asarray(det.boxes, np.float64), np.asarray(det.scores), np.asarray(det.class_ids)):
+        boxes = np.asarray(det.boxes, np.float64)
+        for box, score, cls in zip(boxes, np.asarray(det.scores), np.asarray(det.class_ids)):
             target = mapping.get(int(cls))
             if target is None:
                 continue
             x1, y1, x2, y2 = (float(v) for v in box)
             predictions.append({"image_id": i + 1, "category_id": category_id(target),
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
-    m, m50, by_cat = coco_evaluate(gt, predictions, per_class=per_class)
+    scored = sorted(set(mapping.values()))
+    m, m50, by_cat = coco_evaluate(gt, predictions, per_class=per_class,
+                                   category_ids=[category_id(i) for i in scored])
     named = None
     if by_cat is not None:
         named = {dataset.names[cid - 1]: ap for cid, ap in by_cat.items()}
     seconds = time.perf_counter() - t0
     log.info("mAP50-95 %.3f, mAP50 %.3f on %d images (%d detections, %.1f s)", m, m50, len(dataset),
              len(predictions), seconds)
-    return DetectionMetrics(m, m50, len(dataset), len(predictions), named, seconds)
+    return DetectionMetrics(m, m50, len(dataset), len(predictions), named, seconds,
+                            [dataset.names[i] for i in scored])

@@ -4,7 +4,9 @@ When it loses more, the most sensitive nodes are kept in higher precision and th
 quantised again, round after round, until the drop is within budget or the gate gives up and
 says so with the figures. Sensitivity is measured per node as the error each quantised node
 *adds* to what it receives (1 − cosine of its output in the INT8 graph against FP32, minus
-the worst error among its quantised ancestors), on a few calibration images.
+the worst error among its quantised ancestors), on a few calibration images. The first round
+keeps the detection heads and decoding in higher precision (see :func:`head_nodes`); the
+following rounds add the most sensitive of the remaining nodes.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from vlexport.errors import ExportError, UsageError
 
 log = logging.getLogger("vlexport")
 
-# Fractions of the quantisable nodes kept in higher precision in successive rounds.
-EXCLUSION_SCHEDULE = (0.05, 0.1, 0.2, 0.35, 0.5)
+# After the heads, the fractions of the other quantised nodes (most sensitive first) kept in
+# higher precision in successive rounds.
+EXCLUSION_SCHEDULE = (0.05, 0.1, 0.2, 0.35)
 
 
 def _cosine_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -72,6 +75,30 @@ def sensitivity_order(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np
     return sorted(quantised, key=lambda n: (-local[n], -position[n]))
 
 
+def head_nodes(fp32_path: Path, candidates: list[str]) -> list[str]:
+    """The candidates on output-specific branches: detection heads and decoding.
+
+    A shared backbone/neck node is an ancestor of every graph output; a node that reaches only
+    some outputs (the box branch, the class branch, the box decoding) belongs to a head. This
+    holds for any detector graph, with no per-model list.
+    """
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    reaches: dict[str, set[str]] = {}
+    for out in model.graph.output:
+        stack, seen = [out.name], set()
+        while stack:
+            t = stack.pop()
+            node = producer.get(t)
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            reaches.setdefault(node.name, set()).add(out.name)
+            stack.extend(node.input)
+    every = {o.name for o in model.graph.output}
+    return [n for n in candidates if reaches.get(n, set()) != every]
+
+
 def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: dict[str, dict[str, Any]],
                       calib) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Measure every precision on ``prec.val`` and re-quantise until INT8 is within ``prec.max_drop``.
@@ -118,8 +145,9 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
     fp32_path = writer.path(files["fp32"])
     int8_path = writer.path(files["int8"])
     feeds = info["inputs"]
-    quantisable = None
     order: list[str] | None = None
+    heads: list[str] = []
+    rest: list[str] = []
     excluded: list[str] = list(info["excluded_nodes"])
     rounds: list[dict[str, Any]] = []
     for r in range(prec.max_gate_rounds + 1):
@@ -140,9 +168,13 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
             )
         if order is None:
             order = sensitivity_order(fp32_path, int8_path, feeds[: min(8, len(feeds))])
-            quantisable = len(order)
-        n = max(1, math.ceil(EXCLUSION_SCHEDULE[min(r, len(EXCLUSION_SCHEDULE) - 1)] * quantisable))
-        excluded = order[:n]
+            heads = head_nodes(fp32_path, order)
+            rest = [n for n in order if n not in set(heads)]
+        if r == 0:
+            excluded = list(heads)
+        else:
+            frac = EXCLUSION_SCHEDULE[min(r - 1, len(EXCLUSION_SCHEDULE) - 1)]
+            excluded = heads + rest[: max(1, math.ceil(frac * len(rest)))]
         q = quantize_int8(fp32_path, int8_path, feeds, method=prec.calib_method, exclude_nodes=excluded)
         info["excluded_nodes"] = list(q.excluded_nodes)
     metrics["int8"] = m8.to_dict()

@@ -1,4 +1,4 @@
-"""Parity images: the user's (``--val``) when given, else deterministic synthetic pictures."""
+"""Parity images: the user's (``--val``: images, video or dataset) when given, else deterministic synthetic pictures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlexport.calibration.readers import read_images, synthetic_images
+from vlexport.calibration.readers import calibration_frames, synthetic_images
 
 
 def parity_batch(preprocess: dict[str, Any], source: str | None, count: int = 4, seed: int = 0) -> tuple[torch.Tensor, str]:
@@ -15,7 +15,7 @@ def parity_batch(preprocess: dict[str, Any], source: str | None, count: int = 4,
     from vlexport.runtime.preprocess import Preprocessor
 
     if source:
-        frames, _ = read_images(source, count, seed=seed)
+        frames = calibration_frames(source, count, seed=seed).frames
         label = str(source)
     else:
         frames = synthetic_images(count, seed=seed)
