@@ -75,6 +75,9 @@ def precision_options(fn):
         click.option("--calib-size", default=64, show_default=True, type=int, help="Number of calibration images (sampled with --calib-seed)."),
         click.option("--calib-seed", default=0, show_default=True, type=int),
         click.option("--calib-method", default="entropy", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"])),
+        click.option("--int8-target", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "cpu"]),
+                     help="tensorrt: signed symmetric Q/DQ that TensorRT and any onnxruntime run; cpu: uint8 activations, "
+                          "onnxruntime's fast x86 path (TensorRT cannot take it)."),
         click.option("--val", help="Images for the parity check; a labelled dataset (YOLO data.yaml/folder or COCO json) also gates INT8 by mAP."),
         click.option("--max-drop", default=1.0, show_default=True, type=float, help="Points of mAP50-95 INT8 may lose against FP32 (with --val)."),
     ]
@@ -88,7 +91,8 @@ def _precision(kw: dict):
 
     return PrecisionOptions(fp16=kw.pop("fp16"), int8=kw.pop("int8"), calib=kw.pop("calib"),
                             calib_size=kw.pop("calib_size"), calib_seed=kw.pop("calib_seed"),
-                            calib_method=kw.pop("calib_method"), val=kw.get("parity_source"),
+                            calib_method=kw.pop("calib_method"), int8_target=kw.pop("int8_target"),
+                            val=kw.get("parity_source"),
                             max_drop=kw.pop("max_drop"))
 
 

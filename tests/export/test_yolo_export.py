@@ -109,3 +109,14 @@ def test_validate_refuses_a_bundle_without_fp32(tmp_path, yolo_bundle, assets):
     (copy / "manifest.json").write_text(json.dumps(m))
     r = invoke("validate", copy, "--data", assets / "coco128" / "data.yaml")
     assert r.exit_code == 1 and "no FP32" in r.output and "Traceback" not in r.output
+
+
+def test_validate_measures_every_precision_on_coco128(yolo_bundle, assets, tmp_path):
+    out = tmp_path / "metrics.json"
+    r = invoke("validate", yolo_bundle, "--data", assets / "coco128" / "data.yaml", "--json", out)
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(out.read_text())["metrics"]
+    assert set(metrics) == {"fp32", "fp16"}
+    # The real COCO-trained YOLOv8n: Ultralytics' own validator gives ~0.42 mAP50-95 on COCO128.
+    assert 0.35 < metrics["fp32"]["map50_95"] < 0.55
+    assert abs(metrics["fp16"]["map50_95"] - metrics["fp32"]["map50_95"]) < 0.005

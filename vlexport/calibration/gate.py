@@ -37,12 +37,13 @@ def _cosine_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(1.0 - a @ b / denom)
 
 
-def sensitivity_order(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[str]:
+def sensitivity_order(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]],
+                      op_types: list[str] | None = None) -> list[str]:
     """Quantised node names, most sensitive first (ties: nodes nearer the outputs first)."""
     from vlexport.calibration.quantize import list_quantizable_nodes, record_activations
 
     model = onnx.load(str(fp32_path), load_external_data=False)
-    nodes = [n for n, _ in list_quantizable_nodes(fp32_path)]
+    nodes = [n for n, _ in (list_quantizable_nodes(fp32_path, op_types) if op_types else list_quantizable_nodes(fp32_path))]
     by_name = {n.name: n for n in model.graph.node}
     producer = {o: n.name for n in model.graph.node for o in n.output}
     tensors = [by_name[n].output[0] for n in nodes if n in by_name]
@@ -167,7 +168,7 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
                 "--calib-method or more --calib-size"
             )
         if order is None:
-            order = sensitivity_order(fp32_path, int8_path, feeds[: min(8, len(feeds))])
+            order = sensitivity_order(fp32_path, int8_path, feeds[: min(8, len(feeds))], info.get("op_types"))
             heads = head_nodes(fp32_path, order)
             rest = [n for n in order if n not in set(heads)]
         if r == 0:
@@ -175,7 +176,8 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
         else:
             frac = EXCLUSION_SCHEDULE[min(r - 1, len(EXCLUSION_SCHEDULE) - 1)]
             excluded = heads + rest[: max(1, math.ceil(frac * len(rest)))]
-        q = quantize_int8(fp32_path, int8_path, feeds, method=prec.calib_method, exclude_nodes=excluded)
+        q = quantize_int8(fp32_path, int8_path, feeds, method=prec.calib_method, exclude_nodes=excluded,
+                          target=prec.int8_target)
         info["excluded_nodes"] = list(q.excluded_nodes)
     metrics["int8"] = m8.to_dict()
     return metrics, rounds

@@ -74,6 +74,13 @@ DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # What op_types= may name: the weighted ops plus the ops that pass int8 through on both
 # TensorRT and onnxruntime (pooling, residual Add, resize, concat).
 QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("MaxPool", "AveragePool", "GlobalAveragePool", "Add", "Resize", "Concat")
+# INT8 targets. "tensorrt": symmetric int8 Q/DQ on the inputs of weighted ops, the convention
+# TensorRT's explicit quantisation takes (onnxruntime runs it too, but x86 has no fast kernels
+# for signed activations). "cpu": onnxruntime's x86 fast path, uint8 activations (U8S8) with
+# Q/DQ around every op that has an int8 kernel, so whole Conv→SiLU→Conv chains stay in int8;
+# TensorRT cannot take uint8 Q/DQ.
+INT8_TARGETS = ("tensorrt", "cpu")
+CPU_OP_TYPES = QUANTIZABLE_OP_TYPES + ("Sigmoid", "Mul", "Split")
 # onnxruntime's entropy defaults (128 bins, 128 quantised bins) leave the KL search a single
 # candidate, the full range: min-max under another name. A signed histogram needs 256 quantised
 # bins for int8; 512 bins lets KL clip a range to no less than half of what was observed. Finer
@@ -127,10 +134,12 @@ class QuantizeResult:
     calibration_count: int = 0
     per_channel: bool = True
     op_types: list[str] = field(default_factory=lambda: list(DEFAULT_OP_TYPES))
+    target: str = "tensorrt"
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``calibration`` fields this result provides."""
         return {
+            "target": self.target,
             "method": self.method,
             "count": self.calibration_count,
             "per_channel": self.per_channel,
@@ -291,6 +300,7 @@ def quantize_int8(
     op_types: Sequence[str] = DEFAULT_OP_TYPES,
     providers: Sequence[str] | None = None,
     quantize_outputs: bool = False,
+    target: str = "tensorrt",
 ) -> QuantizeResult:
     """Quantise an FP32 ONNX graph to an explicit INT8 QDQ graph (see the module docstring).
 
@@ -300,9 +310,18 @@ def quantize_int8(
     onnxruntime providers the calibration runs on (CPU by default). ``quantize_outputs`` also
     puts Q/DQ on the outputs of the quantised ops (off: inputs only, as TensorRT prefers).
 
+    ``target``: ``tensorrt`` (symmetric int8, the default: one graph for TensorRT and any
+    onnxruntime) or ``cpu`` (uint8 activations on :data:`CPU_OP_TYPES`, for onnxruntime on x86);
+    see :data:`INT8_TARGETS`.
+
     ``out_path`` is written atomically; the result passes ``onnx.checker``.
     """
     t0 = time.perf_counter()
+    if target not in INT8_TARGETS:
+        raise UsageError(f"unknown INT8 target {target!r}; choose one of {list(INT8_TARGETS)}")
+    if target == "cpu":
+        op_types = CPU_OP_TYPES
+        quantize_outputs = True
     if method not in CALIB_METHODS:
         raise UsageError(f"unknown calibration method {method!r}; choose one of {list(CALIB_METHODS)}")
     inputs = list(inputs)
@@ -313,7 +332,7 @@ def quantize_int8(
         )
     if not 0.0 < float(percentile) <= 100.0:
         raise UsageError(f"percentile must lie in (0, 100], got {percentile}")
-    unknown_ops = sorted(set(op_types) - set(QUANTIZABLE_OP_TYPES))
+    unknown_ops = sorted(set(op_types) - set(CPU_OP_TYPES if target == "cpu" else QUANTIZABLE_OP_TYPES))
     if not op_types or unknown_ops:
         raise UsageError(
             f"cannot quantise op types {unknown_ops or '(none)'}; choose from {list(QUANTIZABLE_OP_TYPES)}"
@@ -357,12 +376,12 @@ def quantize_int8(
                 op_types_to_quantize=list(op_types),
                 per_channel=per_channel,
                 reduce_range=False,
-                activation_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8 if target == "cpu" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude,
                 calibrate_method=_ORT_METHODS[method],
                 extra_options={
-                    "ActivationSymmetric": True,  # zero point 0: TensorRT's only convention
+                    "ActivationSymmetric": target != "cpu",  # zero point 0: TensorRT's only convention
                     "WeightSymmetric": True,
                     "QuantizeBias": False,  # TensorRT cannot dequantise int32 biases
                     "MatMulConstBOnly": False,
@@ -390,7 +409,7 @@ def quantize_int8(
     log.info("INT8: %s written (%d nodes in int8, %d kept in float, %.1f s)",
              out.name, len(done), len(excluded), seconds)
     return QuantizeResult(out, done, excluded, method, seconds, calibration_count=len(inputs),
-                          per_channel=per_channel, op_types=list(op_types))
+                          per_channel=per_channel, op_types=list(op_types), target=target)
 
 
 def _restore_float_inputs(model: onnx.ModelProto, excluded: set[str]) -> bool:

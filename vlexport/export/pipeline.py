@@ -37,12 +37,13 @@ class PrecisionOptions:
     calib_size: int = 64
     calib_seed: int = 0
     calib_method: str = "entropy"
+    int8_target: str = "tensorrt"  # or "cpu": see vlexport.calibration.quantize.INT8_TARGETS
     val: str | None = None  # labelled dataset: with int8, enables the accuracy gate
     max_drop: float = 1.0  # points of the task metric INT8 may lose against FP32
     max_gate_rounds: int = 5
 
     def check(self) -> None:
-        from vlexport.calibration.quantize import CALIB_METHODS
+        from vlexport.calibration.quantize import CALIB_METHODS, INT8_TARGETS
 
         if self.max_drop < 0:
             raise UsageError(f"--max-drop must be zero or positive (points of the task metric), got {self.max_drop}")
@@ -53,6 +54,8 @@ class PrecisionOptions:
             )
         if self.calib_size < 1:
             raise UsageError(f"--calib-size must be at least 1, got {self.calib_size}")
+        if self.int8_target not in INT8_TARGETS:
+            raise UsageError(f"unknown --int8-target {self.int8_target!r}; choose one of {', '.join(INT8_TARGETS)}")
         if self.calib_method not in CALIB_METHODS:
             raise UsageError(f"unknown --calib-method {self.calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
 
@@ -142,10 +145,12 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 int8_rel = f"{part.name}.int8.onnx"
                 inputs = _calibration_inputs(part, calib, plan)
                 log.info("quantising %s to int8 (QDQ, %s, %d calibration images)…", part.name, prec.calib_method, len(inputs))
-                q = quantize_int8(fp32_path, writer.path(int8_rel), inputs, method=prec.calib_method)
+                q = quantize_int8(fp32_path, writer.path(int8_rel), inputs, method=prec.calib_method,
+                                  target=prec.int8_target)
                 files["int8"] = int8_rel
                 extra.setdefault("int8", {})[part.name] = {"quantized_nodes": len(q.quantized_nodes),
-                                                           "excluded_nodes": list(q.excluded_nodes), "inputs": inputs}
+                                                           "excluded_nodes": list(q.excluded_nodes), "inputs": inputs,
+                                                           "op_types": list(q.op_types)}
             for p in files:
                 log.info("checking %s/%s against PyTorch on %d image(s)…", part.name, p, plan.parity_images.shape[0])
                 res, bad = check_parity(part, writer.path(files[p]), p, batches, reference)
@@ -185,7 +190,7 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
         gate_rounds: list[dict[str, Any]] = []
         if prec.int8:
             manifest["calibration"] = {
-                "method": prec.calib_method, "source": calib.source, "kind": calib.kind, "count": len(calib.frames),
+                "target": prec.int8_target, "method": prec.calib_method, "source": calib.source, "kind": calib.kind, "count": len(calib.frames),
                 "seed": prec.calib_seed, "sha256": calib.sha256,
                 "excluded_nodes": {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()},
             }

@@ -24,15 +24,24 @@ _CPU_ORDER = ("int8", "fp32", "fp16")
 _GPU_ORDER = ("int8", "fp16", "fp32")
 
 
-def choose_precision(available: Sequence[str], requested: str | None, accelerated: bool, where: str) -> str:
-    """The precision to load: ``requested`` if the bundle has it, else the best one for the device."""
+def choose_precision(available: Sequence[str], requested: str | None, accelerated: bool, where: str,
+                     int8_target: str = "tensorrt") -> str:
+    """The precision to load: ``requested`` if the bundle has it, else the fastest one for the device.
+
+    On a CPU, INT8 comes first only when it was quantised for the CPU (``--int8-target cpu``):
+    the TensorRT-style signed-int8 graph is slower than FP32 on x86 onnxruntime (measured by
+    benchmarks/bench_precisions.py). FP16 comes last on a CPU, which computes it slowly.
+    """
     if requested is not None:
         if requested not in PRECISIONS:
             raise UsageError(f"unknown precision {requested!r}; choose one of {list(PRECISIONS)}")
         if requested not in available:
             raise BundleError(f"{where} has no {requested} file; it has {list(available)}")
         return requested
-    for p in _GPU_ORDER if accelerated else _CPU_ORDER:
+    order = _GPU_ORDER if accelerated else _CPU_ORDER
+    if not accelerated and int8_target != "cpu":
+        order = tuple(p for p in order if p != "int8") + ("int8",)
+    for p in order:
         if p in available:
             return p
     raise BundleError(f"{where} lists no model files")
@@ -57,7 +66,10 @@ class PartTask:
         # bad name or an unusable TensorRT fails before any hashing or engine build.
         self.backend_name: str = resolve_backend(backend)
         available = part_precisions(self.part, self.backend_name)
-        self.precision = choose_precision(available, precision, has_accelerator(self.backend_name), where)
+        target = (self.bundle.manifest.get("calibration") or {}).get("target", "tensorrt")
+        if target == "cpu" and self.backend_name == "tensorrt":
+            available = [p for p in available if p != "int8"]  # uint8 Q/DQ is onnxruntime-only
+        self.precision = choose_precision(available, precision, has_accelerator(self.backend_name), where, target)
         self.preprocessor = Preprocessor(self.bundle.preprocess)
         # On TensorRT this builds the engine on first use (progress line) and returns its path.
         self.backend: Backend
