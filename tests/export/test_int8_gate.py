@@ -83,3 +83,15 @@ def test_bad_calibration_sources(tmp_path, assets, name, make, needle):
     assert r.exit_code == 1, r.output
     assert needle in r.output and "Traceback" not in r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_exclusion_plan_grows_heads_first_then_the_rest():
+    from vlexport.calibration.gate import exclusion_plan
+
+    heads = [f"h{i}" for i in range(8)]
+    rest = [f"r{i}" for i in range(40)]
+    plan = exclusion_plan(heads, rest)
+    assert plan[0] == heads[:2] and plan[1] == heads[:4] and plan[2] == heads
+    assert plan[3] == heads + rest[:2] and plan[-1] == heads + rest[:14]
+    assert all(len(a) < len(b) for a, b in zip(plan, plan[1:]))
+    assert exclusion_plan([], ["a"]) == [["a"]]

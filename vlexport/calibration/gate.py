@@ -4,9 +4,9 @@ When it loses more, the most sensitive nodes are kept in higher precision and th
 quantised again, round after round, until the drop is within budget or the gate gives up and
 says so with the figures. Sensitivity is measured per node as the error each quantised node
 *adds* to what it receives (1 − cosine of its output in the INT8 graph against FP32, minus
-the worst error among its quantised ancestors), on a few calibration images. The first round
-keeps the detection heads and decoding in higher precision (see :func:`head_nodes`); the
-following rounds add the most sensitive of the remaining nodes.
+the worst error among its quantised ancestors), on a few calibration images. The first rounds
+keep the most sensitive nodes of the detection heads and decoding in higher precision (see
+:func:`head_nodes`), then all of them, then the most sensitive of the remaining nodes.
 """
 
 from __future__ import annotations
@@ -23,9 +23,21 @@ from vlexport.errors import ExportError, UsageError
 
 log = logging.getLogger("vlexport")
 
-# After the heads, the fractions of the other quantised nodes (most sensitive first) kept in
-# higher precision in successive rounds.
-EXCLUSION_SCHEDULE = (0.05, 0.1, 0.2, 0.35)
+# Successive rounds keep more nodes in higher precision: first growing fractions of the head
+# nodes (most sensitive first), then all heads plus growing fractions of the other nodes.
+HEAD_SCHEDULE = (0.25, 0.5, 1.0)
+REST_SCHEDULE = (0.05, 0.1, 0.2, 0.35)
+
+
+def exclusion_plan(heads: list[str], rest: list[str]) -> list[list[str]]:
+    """The node lists to keep in higher precision, round by round (both inputs most sensitive first)."""
+    plan = [heads[: max(1, math.ceil(f * len(heads)))] for f in HEAD_SCHEDULE if heads]
+    plan += [heads + rest[: max(1, math.ceil(f * len(rest)))] for f in REST_SCHEDULE if rest]
+    unique: list[list[str]] = []
+    for step in plan:
+        if not unique or len(step) > len(unique[-1]):
+            unique.append(step)
+    return unique
 
 
 def _cosine_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -146,9 +158,7 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
     fp32_path = writer.path(files["fp32"])
     int8_path = writer.path(files["int8"])
     feeds = info["inputs"]
-    order: list[str] | None = None
-    heads: list[str] = []
-    rest: list[str] = []
+    plan_steps: list[list[str]] | None = None
     excluded: list[str] = list(info["excluded_nodes"])
     rounds: list[dict[str, Any]] = []
     for r in range(prec.max_gate_rounds + 1):
@@ -167,15 +177,14 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
                 f"--max-drop {prec.max_drop}, after {r} rounds ({table}); raise --max-drop, try another "
                 "--calib-method or more --calib-size"
             )
-        if order is None:
+        if plan_steps is None:
             order = sensitivity_order(fp32_path, int8_path, feeds[: min(8, len(feeds))], info.get("op_types"))
             heads = head_nodes(fp32_path, order)
-            rest = [n for n in order if n not in set(heads)]
-        if r == 0:
-            excluded = list(heads)
-        else:
-            frac = EXCLUSION_SCHEDULE[min(r - 1, len(EXCLUSION_SCHEDULE) - 1)]
-            excluded = heads + rest[: max(1, math.ceil(frac * len(rest)))]
+            plan_steps = exclusion_plan(heads, [n for n in order if n not in set(heads)])
+        if r >= len(plan_steps):
+            raise ExportError(f"INT8 stays {drop:.2f} points below FP32 with every candidate node kept in "
+                              "higher precision; export without --int8 or raise --max-drop")
+        excluded = plan_steps[r]
         q = quantize_int8(fp32_path, int8_path, feeds, method=prec.calib_method, exclude_nodes=excluded,
                           target=prec.int8_target)
         info["excluded_nodes"] = list(q.excluded_nodes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from vlexport.runtime.spec import PartIO
@@ -41,7 +42,12 @@ class Part:
     make_inputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     tolerances: dict[str, dict[str, OutputTolerance]] = field(default_factory=dict)
     reference: Callable[..., object] | None = None
-    quantize: bool = False  # an INT8 candidate (image-fed parts); others stay FP32/FP16
+    quantize: bool = False  # an INT8 candidate; others stay FP32/FP16
+    # Inner parts (a decoder fed by an encoder) calibrate on what the preceding part really
+    # produces: ``calib_from`` names that part, and ``calib_feeds`` turns its recorded ONNX
+    # outputs on one calibration image into this part's feeds.
+    calib_from: str | None = None
+    calib_feeds: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
 
     @property
     def input_names(self) -> list[str]:

@@ -40,7 +40,7 @@ class PrecisionOptions:
     int8_target: str = "tensorrt"  # or "cpu": see vlexport.calibration.quantize.INT8_TARGETS
     val: str | None = None  # labelled dataset: with int8, enables the accuracy gate
     max_drop: float = 1.0  # points of the task metric INT8 may lose against FP32
-    max_gate_rounds: int = 5
+    max_gate_rounds: int = 7
 
     def check(self) -> None:
         from vlexport.calibration.quantize import CALIB_METHODS, INT8_TARGETS
@@ -116,6 +116,7 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
     parity: dict[str, dict[str, dict[str, float]]] = {}
     problems: list[str] = []
     parts_manifest: dict[str, Any] = {}
+    fp32_files: dict[str, Path] = {}
     extra: dict[str, Any] = {}
     calib = None
     if prec.int8:
@@ -130,6 +131,7 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
             fp32_path = writer.path(fp32_rel)
             export_part(part, batches[0], fp32_path, opset=opset, simplify=simplify)
             files["fp32"] = fp32_rel
+            fp32_files[part.name] = fp32_path
             if prec.fp16:
                 fp16_rel = f"{part.name}.fp16.onnx"
                 kept = overflowing_nodes(fp32_path, _feeds(part, batches))
@@ -143,7 +145,7 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 from vlexport.calibration.quantize import quantize_int8
 
                 int8_rel = f"{part.name}.int8.onnx"
-                inputs = _calibration_inputs(part, calib, plan)
+                inputs = _calibration_inputs(part, calib, plan, fp32_files)
                 log.info("quantising %s to int8 (QDQ, %s, %d calibration images)…", part.name, prec.calib_method, len(inputs))
                 q = quantize_int8(fp32_path, writer.path(int8_rel), inputs, method=prec.calib_method,
                                   target=prec.int8_target)
@@ -216,13 +218,31 @@ def _calibration_set(plan: ExportPlan, prec: PrecisionOptions):
     return calib
 
 
-def _calibration_inputs(part: Part, calib, plan: ExportPlan) -> list[dict[str, np.ndarray]]:
-    """Feeds for the part, pre-processed exactly as the runtime does."""
+def _calibration_inputs(part: Part, calib, plan: ExportPlan, files_of: dict[str, Path]) -> list[dict[str, np.ndarray]]:
+    """Feeds for the part on every calibration image, pre-processed exactly as the runtime does.
+
+    An inner part (``calib_from``) gets what the preceding part's FP32 graph outputs on each
+    calibration image, recorded by running that graph.
+    """
     from vlexport.runtime.preprocess import Preprocessor
 
     pre = Preprocessor(plan.preprocess)
-    feeds = []
-    for frame in calib.frames:
-        x = torch.from_numpy(pre(frame)[0])
-        feeds.append({n: t.detach().cpu().numpy() for n, t in zip(part.input_names, part.make_inputs(x))})
-    return feeds
+    if part.calib_from is None:
+        feeds = []
+        for frame in calib.frames:
+            x = torch.from_numpy(pre(frame)[0])
+            feeds.append({n: t.detach().cpu().numpy() for n, t in zip(part.input_names, part.make_inputs(x))})
+        return feeds
+    if part.calib_from not in files_of or part.calib_feeds is None:
+        raise ExportError(f"part {part.name!r} calibrates from {part.calib_from!r}, which must be exported before it "
+                          "and give calib_feeds")
+    from vlexport.runtime.backends.onnxruntime import OrtBackend
+
+    upstream = next(p for p in plan.parts if p.name == part.calib_from)
+    with OrtBackend(files_of[part.calib_from], providers=["CPUExecutionProvider"]) as backend:
+        recorded = []
+        for frame in calib.frames:
+            x = torch.from_numpy(pre(frame)[0])
+            feeds = {n: t.detach().cpu().numpy() for n, t in zip(upstream.input_names, upstream.make_inputs(x))}
+            recorded.append(part.calib_feeds(backend.infer(feeds)))
+    return recorded
