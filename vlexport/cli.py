@@ -320,7 +320,7 @@ def validate_cmd(bundle: Path, data: str, precisions: tuple[str, ...], max_image
     metrics = validate_bundle(bundle, data, precisions=list(precisions) or None, max_images=max_images, threads=threads)
     click.echo(_metrics_table(metrics))
     if json_out:
-        from vlexport.export.bundle_writer import write_json_atomic
+        from vlexport.atomic import write_json_atomic
 
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(json_out, {"bundle": str(bundle), "data": data, "metrics": metrics})

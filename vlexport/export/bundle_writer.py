@@ -8,7 +8,6 @@ interrupted export never leaves a folder that looks like a bundle.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,23 +18,9 @@ from typing import Any
 import numpy as np
 
 from vlexport import __version__
+from vlexport.atomic import write_json_atomic
 from vlexport.errors import OutputError
 from vlexport.runtime.bundle import MANIFEST, SCHEMA, sha256_file
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temp file in the same folder and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class BundleWriter:

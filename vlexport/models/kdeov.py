@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlexport.atomic import atomic_write
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.models.backbones import LightweightVisualBackbone, check_state_dict, load_checkpoint_file
 
@@ -507,16 +506,8 @@ def save_kdeov_checkpoint(model: KDEOVModel, path: str | Path, extra: Mapping[st
         "backbone_source_names": model.backbone.source_names,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 

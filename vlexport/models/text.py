@@ -391,7 +391,6 @@ def _encode_classes(
     # Prompt p belongs to class p // n_templates: summing per class avoids holding all C*T embeddings.
     owner = torch.arange(len(prompts)) // n_templates
     sums = torch.zeros((len(names), encoder.embed_dim), dtype=torch.float32)
-    device = encoder.device
     with tqdm(
         total=len(prompts),
         desc=f"text embeddings ({len(names)} classes)",

@@ -305,7 +305,7 @@ def _build_and_record(
     builder: Builder,
     progress: bool,
 ) -> Path:
-    from vlexport.export.bundle_writer import write_json_atomic
+    from vlexport.atomic import write_json_atomic
 
     root = bundle.root
     mpath = root / MANIFEST

@@ -23,17 +23,20 @@ class Backend(abc.ABC):
 
     #: Registry name of the backend kind ("onnxruntime", ...).
     name: str = "backend"
+    #: Set by each implementation from the loaded model.
+    _inputs: list[TensorSpec]
+    _outputs: list[TensorSpec]
 
     # -- description -------------------------------------------------------------------
     @property
-    @abc.abstractmethod
     def inputs(self) -> list[TensorSpec]:
         """Input specs as the loaded model declares them."""
+        return list(self._inputs)
 
     @property
-    @abc.abstractmethod
     def outputs(self) -> list[TensorSpec]:
         """Output specs as the loaded model declares them."""
+        return list(self._outputs)
 
     @property
     @abc.abstractmethod

@@ -184,14 +184,6 @@ class OrtBackend(Backend):
         self._output_names = [s.name for s in self._outputs]
 
     @property
-    def inputs(self) -> list[TensorSpec]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return list(self._outputs)
-
-    @property
     def device(self) -> str:
         return self.providers[0] if self.providers else "closed"
 

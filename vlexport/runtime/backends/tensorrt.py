@@ -206,14 +206,6 @@ class TensorRTBackend(Backend):
         return inputs, outputs, profile
 
     @property
-    def inputs(self) -> list[TensorSpec]:
-        return list(self._inputs)
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return list(self._outputs)
-
-    @property
     def device(self) -> str:
         if self._context is None:
             return "closed"

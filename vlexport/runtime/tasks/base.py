@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,7 @@ import numpy as np
 from vlexport.errors import BundleError, UsageError
 from vlexport.runtime.backends import Backend, has_accelerator, open_part_backend, part_precisions, resolve_backend
 from vlexport.runtime.bundle import PRECISIONS, Bundle
-from vlexport.runtime.preprocess import Preprocessor
+from vlexport.runtime.preprocess import Preprocessor, check_image
 from vlexport.runtime.spec import TensorSpec
 
 __all__ = ["PartTask", "choose_precision", "IMAGE_INPUT"]
@@ -115,6 +115,44 @@ class PartTask:
             if s.name == name:
                 return s
         raise BundleError(f"{self.bundle.root}: the model has no input {name!r}")
+
+    def _run_batches(
+        self,
+        images: Sequence[np.ndarray],
+        stamps: Sequence[Any] | None,
+        what: str,
+        extra: dict[str, np.ndarray],
+        finish: Callable[[dict[str, np.ndarray], list[Any], list[Any]], list[Any]],
+    ) -> list[Any]:
+        """Validate frames, then pre-process, infer and ``finish`` them one model-sized batch at a time.
+
+        ``finish(outputs, letterbox_infos, stamps)`` turns one batch's outputs into results;
+        :attr:`timings` gets the milliseconds spent per stage.
+        """
+        if isinstance(images, np.ndarray):
+            raise UsageError(f"{what}: expected a list of HxWx3 uint8 arrays, got a single array")
+        images = list(images)
+        if not images:
+            return []
+        for i, img in enumerate(images):
+            check_image(img, what=f"image {i}")
+        stamps = list(stamps) if stamps is not None else [None] * len(images)
+        if len(stamps) != len(images):
+            raise UsageError(f"{what}: got {len(stamps)} stamps for {len(images)} images")
+        times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
+        results: list[Any] = []
+        for chunk in self._chunks(len(images)):
+            t0 = now_ms()
+            tensor, infos = self.preprocessor.batch(images[chunk])
+            t1 = now_ms()
+            out = self.backend.infer(stack_feeds(tensor, extra))
+            t2 = now_ms()
+            results += finish(out, infos, stamps[chunk])
+            times["preprocess"] += t1 - t0
+            times["infer"] += t2 - t1
+            times["postprocess"] += now_ms() - t2
+        self.timings = times
+        return results
 
     def _chunks(self, n: int) -> list[slice]:
         step = n if self._max_batch is None else self._max_batch

@@ -11,9 +11,9 @@ import numpy as np
 from vlexport.errors import BundleError, UsageError
 from vlexport.runtime.bundle import Bundle
 from vlexport.runtime.postprocess import select_detections
-from vlexport.runtime.preprocess import LetterboxInfo, check_image, scale_boxes_to_source
+from vlexport.runtime.preprocess import LetterboxInfo, scale_boxes_to_source
 from vlexport.runtime.results import Detections, FrameStamp
-from vlexport.runtime.tasks.base import PartTask, now_ms, stack_feeds
+from vlexport.runtime.tasks.base import PartTask
 
 __all__ = ["DetectTask"]
 
@@ -119,34 +119,14 @@ class DetectTask(PartTask):
         self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None
     ) -> list[Detections]:
         """Detect in several frames (one graph run per batch the model accepts)."""
-        if isinstance(images, np.ndarray):
-            raise UsageError("detect_batch: expected a list of HxWx3 uint8 arrays, got a single array")
-        images = list(images)
-        if not images:
-            return []
-        for i, img in enumerate(images):
-            check_image(img, what=f"image {i}")
-        stamps = list(stamps) if stamps is not None else [None] * len(images)
-        if len(stamps) != len(images):
-            raise UsageError(f"detect_batch: got {len(stamps)} stamps for {len(images)} images")
-        times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
-        results: list[Detections] = []
-        for chunk in self._chunks(len(images)):
-            t0 = now_ms()
-            tensor, infos = self.preprocessor.batch(images[chunk])
-            t1 = now_ms()
-            out = self.backend.infer(stack_feeds(tensor, self._extra))
-            t2 = now_ms()
-            results += [
+
+        def finish(out: dict[str, np.ndarray], infos: list, batch_stamps: list) -> list[Detections]:
+            return [
                 self._select(out["boxes"][j], out["scores"][j], out["class_ids"][j], info, stamp)
-                for j, (info, stamp) in enumerate(zip(infos, stamps[chunk]))
+                for j, (info, stamp) in enumerate(zip(infos, batch_stamps))
             ]
-            t3 = now_ms()
-            times["preprocess"] += t1 - t0
-            times["infer"] += t2 - t1
-            times["postprocess"] += t3 - t2
-        self.timings = times
-        return results
+
+        return self._run_batches(images, stamps, "detect_batch", self._extra, finish)
 
     def _select(
         self,

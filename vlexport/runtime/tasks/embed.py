@@ -7,11 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlexport.errors import BundleError, UsageError
+from vlexport.errors import BundleError
 from vlexport.runtime.bundle import Bundle
-from vlexport.runtime.preprocess import check_image
 from vlexport.runtime.results import Embedding, FrameStamp
-from vlexport.runtime.tasks.base import PartTask, now_ms, stack_feeds
+from vlexport.runtime.tasks.base import PartTask
 
 __all__ = ["EmbedTask"]
 
@@ -53,27 +52,7 @@ class EmbedTask(PartTask):
         self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None
     ) -> list[Embedding]:
         """Embed several frames (one graph run per batch the model accepts)."""
-        if isinstance(images, np.ndarray):
-            raise UsageError("embed_batch: expected a list of HxWx3 uint8 arrays, got a single array")
-        images = list(images)
-        if not images:
-            return []
-        for i, img in enumerate(images):
-            check_image(img, what=f"image {i}")
-        stamps = list(stamps) if stamps is not None else [None] * len(images)
-        if len(stamps) != len(images):
-            raise UsageError(f"embed_batch: got {len(stamps)} stamps for {len(images)} images")
-        times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
-        out: list[Embedding] = []
-        for chunk in self._chunks(len(images)):
-            t0 = now_ms()
-            tensor, _ = self.preprocessor.batch(images[chunk])
-            t1 = now_ms()
-            vectors = self.backend.infer(stack_feeds(tensor, {}))[OUTPUT]
-            t2 = now_ms()
-            out += [Embedding(v, s) for v, s in zip(vectors, stamps[chunk])]
-            times["preprocess"] += t1 - t0
-            times["infer"] += t2 - t1
-            times["postprocess"] += now_ms() - t2
-        self.timings = times
-        return out
+        return self._run_batches(
+            images, stamps, "embed_batch", {},
+            lambda out, _infos, batch_stamps: [Embedding(v, s) for v, s in zip(out[OUTPUT], batch_stamps)],
+        )
