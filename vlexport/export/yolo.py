@@ -17,7 +17,7 @@ from torch import nn
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
-from vlexport.export.samples import parity_batch
+from vlexport.export.samples import parity_batch, yolo_preprocess
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
 
@@ -105,8 +105,7 @@ def build_plan(opts: YoloExportOptions) -> ExportPlan:
     backbone = LightweightVisualBackbone(arch, checkpoint=opts.checkpoint, trust_checkpoint=opts.trust_checkpoint).eval()
     names = backbone.source_names or [f"class{i}" for i in range(backbone.num_source_classes)]
     size = opts.imgsz
-    preprocess = {"size": [size, size], "resize": "letterbox", "pad_value": 114, "color": "RGB",
-                  "scale": 1.0 / 255.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    preprocess = yolo_preprocess(size)
     images, source = parity_batch(preprocess, opts.parity_source, opts.parity_count)
     batch: int | str = "batch" if opts.dynamic_batch else 1
     graph = YoloDetectorGraph(backbone).eval()
