@@ -95,3 +95,6 @@ def test_exclusion_plan_grows_heads_first_then_the_rest():
     assert plan[3] == heads + rest[:2] and plan[-1] == heads + rest[:14]
     assert all(len(a) < len(b) for a, b in zip(plan, plan[1:]))
     assert exclusion_plan([], ["a"]) == [["a"]]
+    with_decoding = exclusion_plan(heads, rest, decoding=["h7", "h6"])
+    assert with_decoding[0] == ["h7", "h6"] and with_decoding[1] == ["h7", "h6"] + ["h0", "h1", "h2", "h3"][:2]
+    assert set(with_decoding[2]) == set(heads) and with_decoding[3] == with_decoding[2] + rest[:2]

@@ -4,9 +4,10 @@ When it loses more, the most sensitive nodes are kept in higher precision and th
 quantised again, round after round, until the drop is within budget or the gate gives up and
 says so with the figures. Sensitivity is measured per node as the error each quantised node
 *adds* to what it receives (1 − cosine of its output in the INT8 graph against FP32, minus
-the worst error among its quantised ancestors), on a few calibration images. The first rounds
-keep the most sensitive nodes of the detection heads and decoding in higher precision (see
-:func:`head_nodes`), then all of them, then the most sensitive of the remaining nodes.
+the worst error among its quantised ancestors), on a few calibration images. The first round
+keeps the decoding (each head's last layer and what follows, :func:`decoding_nodes`) in higher
+precision, the next ones more of the detection heads (:func:`head_nodes`), most sensitive
+first, then the most sensitive of the remaining nodes.
 """
 
 from __future__ import annotations
@@ -29,9 +30,16 @@ HEAD_SCHEDULE = (0.25, 0.5, 1.0)
 REST_SCHEDULE = (0.05, 0.1, 0.2, 0.35)
 
 
-def exclusion_plan(heads: list[str], rest: list[str]) -> list[list[str]]:
-    """The node lists to keep in higher precision, round by round (both inputs most sensitive first)."""
-    plan = [heads[: max(1, math.ceil(f * len(heads)))] for f in HEAD_SCHEDULE if heads]
+def exclusion_plan(heads: list[str], rest: list[str], decoding: list[str] | None = None) -> list[list[str]]:
+    """The node lists to keep in higher precision, round by round (inputs most sensitive first).
+
+    ``decoding`` (a subset of ``heads``) goes first on its own: the last layers of each head and
+    the box/score decoding, where int8 rounding costs the most accuracy and saves the least time.
+    """
+    decoding = list(decoding or [])
+    heads = decoding + [h for h in heads if h not in set(decoding)]
+    plan = [decoding] if decoding else []
+    plan += [heads[: max(len(decoding), math.ceil(f * len(heads)))] for f in HEAD_SCHEDULE if heads]
     plan += [heads + rest[: max(1, math.ceil(f * len(rest)))] for f in REST_SCHEDULE if rest]
     unique: list[list[str]] = []
     for step in plan:
@@ -112,6 +120,30 @@ def head_nodes(fp32_path: Path, candidates: list[str]) -> list[str]:
     return [n for n in candidates if reaches.get(n, set()) != every]
 
 
+def decoding_nodes(fp32_path: Path, heads: list[str]) -> list[str]:
+    """The head nodes with no convolution after them: each head's last layer and the decoding."""
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    by_name = {n.name: n for n in model.graph.node}
+
+    def conv_after(name: str) -> bool:
+        stack, seen = list(by_name[name].output), set()
+        while stack:
+            for c in consumers.get(stack.pop(), []):
+                if c.name in seen:
+                    continue
+                seen.add(c.name)
+                if c.op_type in ("Conv", "ConvTranspose"):
+                    return True
+                stack.extend(c.output)
+        return False
+
+    return [h for h in heads if h in by_name and not conv_after(h)]
+
+
 def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: dict[str, dict[str, Any]],
                       calib) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Measure every precision on ``prec.val`` and re-quantise until INT8 is within ``prec.max_drop``.
@@ -180,7 +212,8 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
         if plan_steps is None:
             order = sensitivity_order(fp32_path, int8_path, feeds[: min(8, len(feeds))], info.get("op_types"))
             heads = head_nodes(fp32_path, order)
-            plan_steps = exclusion_plan(heads, [n for n in order if n not in set(heads)])
+            plan_steps = exclusion_plan(heads, [n for n in order if n not in set(heads)],
+                                        decoding_nodes(fp32_path, heads))
         if r >= len(plan_steps):
             raise ExportError(f"INT8 stays {drop:.2f} points below FP32 with every candidate node kept in "
                               "higher precision; export without --int8 or raise --max-drop")
