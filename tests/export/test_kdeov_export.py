@@ -106,3 +106,23 @@ def test_real_size_yolov8n_vitb32_all_parts(tmp_path, assets):
     det = load(out, precision="fp32", score_threshold=0.0).detect(cv2.imread(str(assets / "images" / "bus.jpg")))
     area = (det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])
     assert len(det) > 0 and (area >= 0).all() and (area > 0).mean() > 0.5
+
+
+def test_kdeov_int8_with_unlabelled_val_calibrates_but_skips_the_gate(tmp_path, assets, caplog):
+    import logging
+
+    from vlexport.export.pipeline import PrecisionOptions
+
+    caplog.set_level(logging.WARNING, logger="vlexport")
+    out = tmp_path / "b"
+    images = str(assets / "images")
+    export_kdeov(KDEOVExportOptions(out=out, preset="tiny", classes=["person", "bus"], templates="single",
+                                    parity_source=images,
+                                    precision=PrecisionOptions(int8=True, calib=images, calib_size=3, val=images)))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parts"]["detector"]["files"]["int8"] == "detector.int8.onnx"
+    assert "int8" not in m["parts"]["image_encoder"]["files"]  # only the detector is an INT8 candidate
+    assert m["calibration"]["count"] == 3 and "metrics" not in m["validation"]
+    assert any("accuracy gate is skipped" in r.getMessage() for r in caplog.records)
+    det = load(out, precision="int8", score_threshold=0.0).detect(np.full((200, 300, 3), 80, np.uint8))
+    assert len(det) > 0

@@ -192,11 +192,11 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
         gate_rounds: list[dict[str, Any]] = []
         if prec.int8:
             manifest["calibration"] = {
-                "target": prec.int8_target, "method": prec.calib_method, "source": calib.source, "kind": calib.kind, "count": len(calib.frames),
-                "seed": prec.calib_seed, "sha256": calib.sha256,
+                "target": prec.int8_target, "method": prec.calib_method, "source": calib.source,
+                "kind": calib.kind, "count": len(calib.frames), "seed": prec.calib_seed, "sha256": calib.sha256,
                 "excluded_nodes": {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()},
             }
-            if prec.val:
+            if prec.val and _is_labelled(prec.val):
                 from vlexport.calibration.gate import run_accuracy_gate
 
                 metrics, gate_rounds = run_accuracy_gate(writer, manifest, plan, prec, extra["int8"], calib)
@@ -207,6 +207,17 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
     files_written = sorted(p.name for p in path.iterdir())
     return ExportReport(path=path, parity=parity, files=files_written, seconds=time.perf_counter() - t0,
                         metrics=metrics, gate=gate_rounds)
+
+
+def _is_labelled(source: str) -> bool:
+    """Whether ``--val`` is a labelled dataset (it gates INT8) or only images (parity only)."""
+    from vlexport.calibration.datasets import dataset_kind
+
+    if dataset_kind(source) is None:
+        log.warning("--val %s has no labels: the INT8 accuracy gate is skipped (pass a YOLO data.yaml/folder "
+                    "or a COCO json to measure mAP)", source)
+        return False
+    return True
 
 
 def _calibration_set(plan: ExportPlan, prec: PrecisionOptions):
