@@ -197,3 +197,21 @@ def test_build_without_tensorrt_says_why(tiny_bundle):
     assert_one_line_error(r, "TensorRT is not installed", "vlexport[trt]")
     r = invoke("run", str(tiny_bundle), "--source", "x.jpg", "--backend", "tensorrt")
     assert_one_line_error(r, "TensorRT")
+
+
+def test_train_then_export_the_trained_student(tmp_path, assets):
+    ckpt = tmp_path / "student.pt"
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for p in sorted((assets / "coco128" / "images" / "train2017").glob("*.jpg"))[:6]:
+        (images / p.name).write_bytes(p.read_bytes())
+    r = invoke("train-kdeov", "--images", str(images), "--out", str(ckpt), "--preset", "tiny", "--steps", "6",
+               "--batch-size", "3", "--lr", "3e-3")
+    assert r.exit_code == 0, r.output
+    assert "checkpoint written" in r.output and ckpt.is_file()
+    out = tmp_path / "b"
+    r = invoke("kdeov", "--checkpoint", str(ckpt), "--classes", "person,dog", "--templates", "single", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["provenance"]["student_trained"] is True and m["provenance"]["checkpoint_sha256"]
+    assert m["preset"] == "checkpoint" and m["model"]["config"]["backbone"] == "simple"  # its own config (tiny)

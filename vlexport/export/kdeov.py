@@ -275,7 +275,7 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
     for note in notes:
         log.warning("!!! %s", note)
     return ExportPlan(
-        family="kdeov", task="detect", preset=opts.preset, parts=parts,
+        family="kdeov", task="detect", preset=opts.preset if opts.checkpoint is None else "checkpoint", parts=parts,
         parity_images=images, parity_source=source, preprocess=preprocess,
         postprocess={"score_threshold": opts.score_threshold, "iou_threshold": opts.iou_threshold,
                      "max_detections": opts.max_detections, "class_agnostic": False},
