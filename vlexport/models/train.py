@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from vlexport.calibration.readers import IMAGE_EXTENSIONS
 from vlexport.errors import SourceError, UsageError
 from vlexport.models.kdeov import KDEOVModel, save_kdeov_checkpoint
 from vlexport.models.losses import FeatureAlignmentLoss
@@ -30,7 +31,6 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "train_feature_alignment"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Same ceiling as CLIP: the temperature may not go below 1/100.
 _MAX_LOGIT_SCALE = math.log(100.0)
 
