@@ -200,7 +200,7 @@ def test_sink_context_managers(tmp_path: Path) -> None:
 
 
 def test_run_needs_a_detect_task(tmp_path: Path, assets: Path) -> None:
-    with pytest.raises(UsageError, match="needs a detect task"):
+    with pytest.raises(UsageError, match="needs a detect or segment task"):
         run_on_source(object(), str(assets / "images" / "bus.jpg"), progress=False)
 
 

@@ -39,6 +39,6 @@ def load(
     bundle = bundle_path if isinstance(bundle_path, Bundle) else Bundle.open(bundle_path)
     name = task if task is not None else bundle.task
     cls = task_class(name)
-    if name != "detect" and overrides:
+    if name not in ("detect", "segment") and overrides:
         raise UsageError(f"task {name!r} takes no options {sorted(overrides)}")
     return cls(bundle, precision=precision, backend=backend, threads=threads, **overrides)

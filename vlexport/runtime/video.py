@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from vlexport.errors import OutputError, SourceError, UsageError
-from vlexport.runtime.results import Detections, FrameStamp
+from vlexport.runtime.results import FrameStamp
 
 __all__ = [
     "Frame",
@@ -439,6 +439,23 @@ def _percentiles(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]
     return out
 
 
+_STAMP_KEYS = ("frame", "t_monotonic", "t_wall")
+
+
+def _task_adapter(task: Any) -> tuple[Callable, Callable, Callable[[Any], dict[str, Any]]]:
+    """(run one frame, draw its result, its JSONL fields) for a detect or a segment task."""
+    if callable(getattr(task, "detect", None)):
+        from vlexport.runtime.draw import draw_detections
+
+        return task.detect, draw_detections, lambda r: {"detections": r.records()}
+    if callable(getattr(task, "segment", None)):
+        from vlexport.runtime.segmentation import draw_segmentation
+
+        return task.segment, draw_segmentation, lambda r: {
+            "segmentation": {k: v for k, v in r.to_dict().items() if k not in _STAMP_KEYS}}
+    raise UsageError(f"run_on_source needs a detect or segment task, got {type(task).__name__}")
+
+
 def run_on_source(
     task: Any,
     source: str | int | os.PathLike | Source,
@@ -448,26 +465,23 @@ def run_on_source(
     progress: bool = True,
     show: bool = False,
     max_frames: int | None = None,
-    on_result: Callable[[Frame, Detections], None] | None = None,
+    on_result: Callable[[Frame, Any], None] | None = None,
 ) -> RunStats:
-    """Run a detect task over every frame of ``source``; returns :class:`RunStats`.
+    """Run a detect or segment task over every frame of ``source``; returns :class:`RunStats`.
 
     ``save`` writes an annotated video (an annotated image when ``save`` has an image suffix and
     the source is one image), ``jsonl`` one record per frame (``frame``, ``t_monotonic``,
-    ``t_wall``, ``source``, ``detections``); ``show`` opens a window (q or Esc stops);
+    ``t_wall``, ``source``, then ``detections`` or ``segmentation``); ``show`` opens a window (q or Esc stops);
     ``max_frames`` stops early; ``on_result(frame, detections)`` is called after each frame is
     written. On KeyboardInterrupt the loop stops reading, closes the outputs so that they are
     complete (the frames done so far), and re-raises with the stats attached as ``.stats``; on any
     other error the outputs are discarded.
     """
-    if not callable(getattr(task, "detect", None)):
-        raise UsageError(f"run_on_source needs a detect task, got {type(task).__name__}")
+    infer, draw, record_of = _task_adapter(task)
     if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
         raise UsageError(f"max_frames must be a positive integer, got {max_frames!r}")
     if show:
         _check_display()
-    from vlexport.runtime.draw import draw_detections
-
     src = source if isinstance(source, Source) else open_source(source)
     sinks: list[_AtomicSink] = []
     stats = RunStats()
@@ -496,15 +510,15 @@ def run_on_source(
         t_start = time.perf_counter()
         try:
             for frame in src:
-                dets = task.detect(frame.image, frame.stamp)
+                dets = infer(frame.image, frame.stamp)
                 for stage in _STAGES:
                     if stage in task.timings:
                         samples[stage].append(float(task.timings[stage]))
-                annotated = draw_detections(frame.image, dets) if (frame_sink is not None or show) else frame.image
+                annotated = draw(frame.image, dets) if (frame_sink is not None or show) else frame.image
                 if frame_sink is not None:
                     frame_sink.write(annotated)
                 if jsonl_sink is not None:
-                    record = {**frame.stamp.to_dict(), "source": frame.source, "detections": dets.records()}
+                    record = {**frame.stamp.to_dict(), "source": frame.source, **record_of(dets)}
                     jsonl_sink.write(record)
                 stats.frames += 1
                 if bar is not None:

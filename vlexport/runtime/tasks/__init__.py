@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DetectTask", "EmbedTask", "TASKS", "task_class"]
+__all__ = ["DetectTask", "EmbedTask", "SegmentTask", "TASKS", "task_class"]
 
-TASKS = ("detect", "embed")
+TASKS = ("detect", "embed", "segment")
 
 
 def task_class(task: str) -> Any:
-    """The task class for a task name ("detect" or "embed")."""
+    """The task class for a task name ("detect", "embed" or "segment")."""
     if task == "detect":
         from vlexport.runtime.tasks.detect import DetectTask
 
@@ -22,6 +22,10 @@ def task_class(task: str) -> Any:
         from vlexport.runtime.tasks.embed import EmbedTask
 
         return EmbedTask
+    if task == "segment":
+        from vlexport.runtime.tasks.segment import SegmentTask
+
+        return SegmentTask
     from vlexport.errors import UsageError
 
     raise UsageError(f"this runtime has no task {task!r}; it runs {list(TASKS)}")
@@ -32,4 +36,6 @@ def __getattr__(name: str) -> Any:
         return task_class("detect")
     if name == "EmbedTask":
         return task_class("embed")
+    if name == "SegmentTask":
+        return task_class("segment")
     raise AttributeError(name)

@@ -1,0 +1,426 @@
+"""Semantic-segmentation ground truth and mIoU of a bundle's segmenter.
+
+Two on-disk layouts load into one :class:`SegmentationDataset` (image/mask pairs, contiguous class
+indices into ``names``, ``ignore_index`` for unlabeled pixels):
+
+* **id masks + semantic.yaml** (the shared COCO128 masks): single-channel PNGs whose pixel values
+  are category ids; the yaml's ``classes`` (``id: name``) lists them. Ids map to class indices in
+  the yaml's order; the yaml's ``ignore_index`` id (0, "unlabeled") and ids it does not list
+  become ``ignore_index``. Images are found by stem under the yaml's ``images`` folder (or the
+  sibling ``images/`` tree of the masks folder).
+* **VOC pairs**: ``*_image.png`` / ``*_target.png`` in one folder, targets in the standard VOC
+  colour palette (21 classes, background 0 ... tvmonitor 20); the boundary colour (224,224,192)
+  becomes ``ignore_index``.
+
+Torch-free: :func:`evaluate_segmenter` runs a runtime ``SegmentTask``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from vlexport.calibration.datasets import YAML_SUFFIXES, _read_yaml
+from vlexport.calibration.readers import IMAGE_EXTENSIONS, read_image
+from vlexport.errors import SourceError, UsageError
+
+__all__ = [
+    "VOC_CLASSES",
+    "voc_palette",
+    "SegmentationDataset",
+    "load_segmentation_dataset",
+    "read_mask",
+    "ConfusionMatrix",
+    "SegmentationMetrics",
+    "evaluate_segmenter",
+    "segmentation_class_mapping",
+]
+
+log = logging.getLogger("vlexport")
+
+SEGMENTATION_KINDS = ("ids", "voc")
+SEMANTIC_YAML = "semantic.yaml"
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+VOC_IGNORE_RGB = (224, 224, 192)
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The standard PASCAL VOC colour map, ``[n, 3]`` uint8 RGB (class ``i`` is row ``i``)."""
+    pal = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def _rgb_key(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+@dataclass
+class SegmentationDataset:
+    """Image/mask pairs; ``names[i]`` is the name of class index ``i``.
+
+    ``kind`` says how masks decode ("ids": category-id PNGs through ``id_to_index``; "voc":
+    palette colours). Pixels with no class read as ``ignore_index``.
+    """
+
+    items: list[tuple[Path, Path]]
+    names: list[str]
+    ignore_index: int = 255
+    kind: str = "ids"
+    id_to_index: dict[int, int] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SEGMENTATION_KINDS:
+            raise UsageError(f"segmentation dataset kind {self.kind!r} is not one of {list(SEGMENTATION_KINDS)}")
+        self.items = [(Path(a), Path(b)) for a, b in self.items]
+        self.names = [str(n) for n in self.names]
+        if not self.names:
+            raise UsageError("a segmentation dataset needs at least one class name")
+        if 0 <= self.ignore_index < len(self.names):
+            raise UsageError(f"ignore_index {self.ignore_index} collides with class index {self.ignore_index} "
+                             f"({self.names[self.ignore_index]!r}); use a value outside 0..{len(self.names) - 1}")
+        if self.kind == "ids" and not self.id_to_index:
+            raise UsageError("an 'ids' segmentation dataset needs an id_to_index map")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def subset(self, indices: Iterable[int]) -> SegmentationDataset:
+        return SegmentationDataset([self.items[i] for i in indices], list(self.names), self.ignore_index, self.kind,
+                                   dict(self.id_to_index), self.source)
+
+    def read_mask(self, i: int) -> np.ndarray:
+        """The ``i``-th ground truth as ``[H, W]`` int64 class indices (``ignore_index`` where unlabeled)."""
+        return read_mask(self.items[i][1], self)
+
+    def __repr__(self) -> str:
+        return f"SegmentationDataset({self.source or self.kind!r}, {len(self)} images, {len(self.names)} classes)"
+
+
+def read_mask(path: str | Path, dataset: SegmentationDataset) -> np.ndarray:
+    """Decode one mask file of ``dataset`` to ``[H, W]`` int64 class indices with ``ignore_index``."""
+    path = Path(path)
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise SourceError(f"cannot read mask {path} (missing, unreadable or not an image)")
+    ignore = int(dataset.ignore_index)
+    if dataset.kind == "ids":
+        if raw.ndim == 3:
+            # A grey PNG saved with 3 equal channels still reads as ids; anything else is not an id mask.
+            if raw.shape[2] >= 3 and np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2]):
+                raw = raw[..., 0]
+            else:
+                raise SourceError(f"{path}: expected a single-channel id mask, got {raw.shape[2]} channels")
+        if raw.dtype.kind not in "iu":
+            raise SourceError(f"{path}: expected an integer id mask, got dtype {raw.dtype}")
+        top = max(int(raw.max()), max(dataset.id_to_index)) + 1
+        lut = np.full(top, ignore, np.int64)
+        for cid, idx in dataset.id_to_index.items():
+            if 0 <= cid < top:
+                lut[cid] = idx
+        return lut[raw.astype(np.int64)]
+    # voc: colour targets (cv2 decodes palette PNGs to BGR too)
+    if raw.ndim == 2:
+        raise SourceError(f"{path}: expected a VOC colour target, got a single-channel image")
+    rgb = raw[..., 2::-1] if raw.shape[2] >= 3 else None
+    if rgb is None:
+        raise SourceError(f"{path}: expected a VOC colour target, got {raw.shape[2]} channels")
+    keys = _rgb_key(rgb)
+    out = np.full(keys.shape, -1, np.int64)
+    for idx, col in enumerate(voc_palette(len(VOC_CLASSES))):
+        out[keys == _rgb_key(col)] = idx
+    out[keys == _rgb_key(np.asarray(VOC_IGNORE_RGB))] = ignore
+    unknown = out == -1
+    if unknown.any():
+        bad = np.unique(rgb[unknown].reshape(-1, 3), axis=0)[:5].tolist()
+        raise SourceError(f"{path}: {int(unknown.sum())} pixels have colours outside the VOC palette, e.g. {bad}")
+    return out
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _find_semantic_yaml(path: Path) -> Path | None:
+    if path.is_file() and path.suffix.lower() in YAML_SUFFIXES:
+        return path
+    if path.is_dir():
+        for cand in (path, *list(path.parents)[:3]):
+            if (cand / SEMANTIC_YAML).is_file():
+                return cand / SEMANTIC_YAML
+    return None
+
+
+def _image_by_stem(folder: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            out.setdefault(p.stem, p)
+    return out
+
+
+def _load_ids(yaml_path: Path, masks_dir: Path | None, ignore_index: int) -> SegmentationDataset:
+    data = _read_yaml(yaml_path)
+    root = yaml_path.parent
+    classes = data.get("classes")
+    if not isinstance(classes, dict) or not classes:
+        raise SourceError(f"{yaml_path}: expected 'classes' as an id: name mapping")
+    try:
+        pairs = [(int(k), str(v)) for k, v in classes.items()]
+    except (TypeError, ValueError):
+        raise SourceError(f"{yaml_path}: 'classes' keys must be integer category ids") from None
+    unlabeled = data.get("ignore_index", 0)
+    names, id_to_index = [], {}
+    for cid, name in pairs:  # the yaml's order
+        if unlabeled is not None and cid == int(unlabeled):
+            continue
+        id_to_index[cid] = len(names)
+        names.append(name)
+    if masks_dir is None:
+        masks_dir = root / str(data.get("masks", "masks"))
+    if not masks_dir.is_dir():
+        raise SourceError(f"{yaml_path}: masks folder {masks_dir} not found")
+    images_dir = root / str(data["images"]) if data.get("images") else None
+    if images_dir is None or not images_dir.is_dir():
+        # The sibling tree: .../masks/<split> -> .../images/<split>
+        parts = list(masks_dir.resolve().parts)
+        last = max((i for i, part in enumerate(parts) if part == "masks"), default=None)
+        images_dir = None
+        if last is not None:
+            parts[last] = "images"
+            images_dir = Path(*parts)
+        if images_dir is None or not images_dir.is_dir():
+            raise SourceError(f"{yaml_path}: no images folder for {masks_dir} (set 'images' in the yaml)")
+    masks = sorted(p for p in masks_dir.rglob("*.png") if p.is_file())
+    if not masks:
+        raise SourceError(f"{masks_dir} holds no .png masks")
+    by_stem = _image_by_stem(images_dir)
+    missing = [m.stem for m in masks if m.stem not in by_stem]
+    if missing:
+        raise SourceError(
+            f"{len(missing)} of {len(masks)} masks in {masks_dir} have no image under {images_dir} "
+            f"(e.g. {missing[:3]})"
+        )
+    items = [(by_stem[m.stem], m) for m in masks]
+    return SegmentationDataset(items, names, ignore_index, "ids", id_to_index, source=str(yaml_path))
+
+
+def _load_voc(folder: Path, ignore_index: int) -> SegmentationDataset:
+    targets = sorted(folder.glob("*_target.png"))
+    items = []
+    for t in targets:
+        img = t.with_name(t.name[: -len("_target.png")] + "_image.png")
+        if not img.is_file():
+            raise SourceError(f"{t} has no image {img.name} beside it")
+        items.append((img, t))
+    return SegmentationDataset(items, list(VOC_CLASSES), ignore_index, "voc", source=str(folder))
+
+
+def load_segmentation_dataset(path: str | Path, ignore_index: int = 255) -> SegmentationDataset:
+    """Load a segmentation dataset from a ``semantic.yaml`` (or a folder with one, or its masks
+    folder) or from a VOC folder of ``*_image.png`` / ``*_target.png`` pairs; see the module doc."""
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"segmentation dataset {p} not found")
+    if p.is_dir() and any(p.glob("*_target.png")):
+        ds = _load_voc(p, ignore_index)
+    else:
+        y = _find_semantic_yaml(p)
+        if y is None:
+            raise SourceError(
+                f"{p} is not a segmentation dataset: expected a {SEMANTIC_YAML} (id masks) "
+                "or a folder of VOC *_image.png / *_target.png pairs"
+            )
+        masks_dir = p if p.is_dir() and p != y.parent else None
+        ds = _load_ids(y, masks_dir, ignore_index)
+    if len(ds) == 0:
+        raise SourceError(f"segmentation dataset {p} has no images")
+    log.info("segmentation dataset %s: %d images, %d classes", p, len(ds), ds.num_classes)
+    return ds
+
+
+# -- scoring ------------------------------------------------------------------------------------
+class ConfusionMatrix:
+    """Pixel confusion counts ``[gt, pred]`` over ``num_classes`` classes.
+
+    Ground-truth pixels equal to ``ignore_index`` (or outside ``0..num_classes-1``) are skipped.
+    A prediction outside ``0..num_classes-1`` (a class the dataset does not have) counts against
+    the ground-truth class (a false negative) and as no class's false positive.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise UsageError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.matrix = np.zeros((self.num_classes, self.num_classes + 1), np.int64)  # last column: "other"
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        pred, gt = np.asarray(pred), np.asarray(gt)
+        if pred.shape != gt.shape:
+            raise UsageError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
+        if pred.dtype.kind not in "iu" or gt.dtype.kind not in "iu":
+            raise UsageError(f"prediction and ground truth must be integer arrays, got {pred.dtype}, {gt.dtype}")
+        n = self.num_classes
+        g = gt.astype(np.int64).ravel()
+        p = pred.astype(np.int64).ravel()
+        keep = (g != self.ignore_index) & (g >= 0) & (g < n)
+        g, p = g[keep], p[keep]
+        p = np.where((p >= 0) & (p < n), p, n)
+        self.matrix += np.bincount(g * (n + 1) + p, minlength=n * (n + 1)).reshape(n, n + 1)
+
+    @property
+    def total(self) -> int:
+        return int(self.matrix.sum())
+
+    def per_class_iou(self) -> np.ndarray:
+        """``[num_classes]`` IoU; NaN for a class absent from both prediction and ground truth."""
+        n = self.num_classes
+        tp = np.diag(self.matrix[:, :n]).astype(np.float64)
+        fn = self.matrix.sum(axis=1) - tp
+        fp = self.matrix[:, :n].sum(axis=0) - tp
+        union = tp + fp + fn
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+    def miou(self) -> float:
+        """Mean IoU over the classes that occur (in prediction or ground truth); NaN if none does."""
+        iou = self.per_class_iou()
+        return float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
+
+    def pixel_accuracy(self) -> float:
+        """Correct pixels / scored pixels; NaN before any pixel was scored."""
+        total = self.total
+        return float(np.trace(self.matrix[:, : self.num_classes]) / total) if total else float("nan")
+
+
+@dataclass
+class SegmentationMetrics:
+    """Accuracy of a segmenter on a dataset (IoU and accuracy as fractions in [0, 1])."""
+
+    miou: float
+    per_class_iou: dict[str, float]
+    pixel_accuracy: float
+    images: int
+    seconds: float = 0.0
+    classes: list[str] = field(default_factory=list)  # the dataset classes scored
+
+    def to_dict(self) -> dict[str, Any]:
+        def r(v: float) -> float | None:
+            return None if v != v else round(float(v), 5)
+
+        return {
+            "miou": r(self.miou),
+            "miou_points": None if self.miou != self.miou else round(100.0 * float(self.miou), 2),
+            "pixel_accuracy": r(self.pixel_accuracy),
+            "images": int(self.images),
+            "seconds": round(float(self.seconds), 2),
+            "classes": len(self.classes),
+            "per_class_iou": {k: r(v) for k, v in self.per_class_iou.items()},
+        }
+
+
+def segmentation_class_mapping(
+    predicted: Sequence[str], dataset_names: Sequence[str], class_map: Mapping[str, str] | None = None
+) -> dict[int, int]:
+    """``{predicted class index: dataset class index}`` by name (``class_map`` renames predicted
+    names first, e.g. ``{"tv": "tvmonitor"}``); predicted classes without a match are left out."""
+    lookup = {str(n): i for i, n in enumerate(dataset_names)}
+    class_map = dict(class_map or {})
+    unknown = sorted(set(class_map) - set(map(str, predicted)))
+    if unknown:
+        raise UsageError(f"class_map names {unknown}, which the segmenter does not predict")
+    out = {}
+    for i, name in enumerate(predicted):
+        target = class_map.get(str(name), str(name))
+        if target in lookup:
+            out[i] = lookup[target]
+    return out
+
+
+def evaluate_segmenter(
+    task: Any,
+    dataset: SegmentationDataset,
+    class_map: Mapping[str, str] | None = None,
+    progress: bool = True,
+    max_images: int | None = None,
+) -> SegmentationMetrics:
+    """Run ``task`` (a runtime SegmentTask: ``task.segment(bgr)``, ``task.classes``) on every image
+    of ``dataset`` and score the label maps (mIoU, per-class IoU, pixel accuracy).
+
+    Predicted classes map to the dataset's by name (after ``class_map`` renames). As for
+    detection, only the dataset classes the segmenter can name are scored: pixels of other
+    ground-truth classes are ignored, and a predicted class the dataset lacks counts as wrong on
+    every scored pixel it covers. mIoU averages the scored classes that occur in the prediction
+    or the ground truth.
+    """
+    t0 = time.perf_counter()
+    if max_images is not None:
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+            raise UsageError(f"max_images must be a positive integer, got {max_images!r}")
+        dataset = dataset.subset(range(min(max_images, len(dataset))))
+    if len(dataset) == 0:
+        raise UsageError("the evaluation dataset has no images")
+    classes = list(getattr(task, "classes", None) or [])
+    if not classes:
+        raise UsageError("the segmenter reports no class names, so its labels cannot be matched to the dataset")
+    mapping = segmentation_class_mapping(classes, dataset.names, class_map)
+    if not mapping:
+        raise UsageError(
+            f"none of the segmenter's classes ({classes[:5]}...) is a class of the dataset "
+            f"({dataset.names[:5]}...); pass class_map to match names"
+        )
+    scored = sorted(set(mapping.values()))
+    n = dataset.num_classes
+    pred_lut = np.full(len(classes), n, np.int64)  # unmatched -> "other" (never correct)
+    for p_idx, d_idx in mapping.items():
+        pred_lut[p_idx] = d_idx
+    # Ground truth of classes the segmenter cannot name -> ignore.
+    gt_lut_keep = np.zeros(n, bool)
+    gt_lut_keep[scored] = True
+    cm = ConfusionMatrix(n, dataset.ignore_index)
+    from tqdm import tqdm
+
+    for i in tqdm(range(len(dataset)), desc="evaluating", unit="img", disable=not progress, leave=False):
+        img_path, mask_path = dataset.items[i]
+        image = read_image(img_path)
+        gt = dataset.read_mask(i)
+        if gt.shape != image.shape[:2]:
+            raise SourceError(f"{mask_path} is {gt.shape[1]}x{gt.shape[0]} but its image {img_path} is "
+                              f"{image.shape[1]}x{image.shape[0]}")
+        seg = task.segment(image)
+        pred = pred_lut[np.asarray(seg.label_map)]
+        valid = (gt >= 0) & (gt < n)
+        drop = valid.copy()
+        drop[valid] = ~gt_lut_keep[gt[valid]]
+        gt = np.where(drop, dataset.ignore_index, gt)
+        cm.update(pred, gt)
+    iou = cm.per_class_iou()
+    per_class = {dataset.names[c]: float(iou[c]) for c in scored}
+    scored_iou = iou[scored]
+    miou = float(np.nanmean(scored_iou)) if np.any(~np.isnan(scored_iou)) else float("nan")
+    seconds = time.perf_counter() - t0
+    log.info("mIoU %.3f, pixel accuracy %.3f on %d images (%.1f s)", miou, cm.pixel_accuracy(), len(dataset), seconds)
+    return SegmentationMetrics(miou, per_class, cm.pixel_accuracy(), len(dataset), seconds,
+                               [dataset.names[c] for c in scored])

@@ -1,0 +1,399 @@
+"""Open-vocabulary semantic segmentation from a bundle's ``segmenter`` part (SCLIP-style sliding window).
+
+The graph maps a batch of square crops to per-query cosine similarities at crop size:
+``crops [n, 3, c, c] -> logits [n, Q, c, c]``. Everything else runs here in numpy/OpenCV, as the
+reference implementation does it:
+
+1. resize the frame so that its short side is ``preprocess.short_side`` (aspect kept; OpenCV
+   bilinear on uint8; new size ``(int(w*s + 0.5), int(h*s + 0.5))``), BGR -> RGB, normalise;
+2. cut sliding windows of ``slide_crop`` pixels every ``slide_stride`` (mmseg's grid; the last
+   window of a row/column is shifted back to end at the border), run all crops through the graph
+   (in chunks of the model's maximum batch);
+3. stitch: sum the crops' logits and divide by how many windows cover each pixel;
+4. resize the stitched logits bilinearly to the frame size, multiply by ``logit_scale``, softmax
+   over the queries, take the max over each class's queries (synonyms), argmax; pixels whose best
+   probability is below ``prob_threshold`` become ``background_index``.
+
+Step 4 runs in channel chunks with an online softmax, so a full-HD frame with hundreds of
+queries never holds all ``Q x H x W`` probabilities at once. It gives the same labels as the
+direct computation: softmax is monotone with one denominator per pixel, so the class whose best
+synonym has the highest probability is the class of the highest logit, and that probability is
+``1 / sum(exp(scale * (logit - max_logit)))``.
+
+A resized frame smaller than the crop in either dimension is not supported (the reference pads
+nothing: its short side, 336, is always larger than its crop, 224); a manifest whose
+``short_side`` is smaller than ``slide_crop`` is refused when the task loads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from vlexport.errors import BundleError, UsageError
+from vlexport.runtime.backends import has_accelerator, open_part_backend, part_precisions, resolve_backend
+from vlexport.runtime.bundle import Bundle
+from vlexport.runtime.preprocess import check_image
+from vlexport.runtime.results import FrameStamp
+from vlexport.runtime.segmentation import Segmentation
+from vlexport.runtime.tasks.base import PartTask, choose_precision, now_ms
+
+__all__ = ["SegmentTask", "window_grid", "stitch", "resize_short_side", "labels_from_logits"]
+
+CROPS_INPUT = "crops"
+LOGITS_OUTPUT = "logits"
+_OVERRIDES = ("prob_threshold", "logit_scale")
+_CHUNK_BYTES = 64 << 20  # at most this much float32 per channel chunk of the full-size logits
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+def resize_short_side(bgr: np.ndarray, short: int) -> np.ndarray:
+    """Resize ``bgr`` (aspect ratio kept, OpenCV bilinear) so that its short side is ``short``.
+
+    The new size is ``(int(w*s + 0.5), int(h*s + 0.5))`` with ``s = short / min(h, w)``; an image
+    already of that size is returned as is.
+    """
+    h, w = int(bgr.shape[0]), int(bgr.shape[1])
+    if short < 1:
+        raise ValueError(f"resize_short_side: short must be a positive integer, got {short!r}")
+    s = float(short) / min(h, w)
+    new_w, new_h = max(int(w * s + 0.5), 1), max(int(h * s + 0.5), 1)
+    if (new_w, new_h) == (w, h):
+        return bgr
+    return cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def window_grid(H: int, W: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Sliding windows ``(y1, y2, x1, x2)`` over an ``H x W`` image, rows first (mmseg's grid).
+
+    ``n = max(H - crop + stride - 1, 0) // stride + 1`` windows per column (same for rows); each
+    starts at ``i * stride`` and the last is shifted back to end at the border. The image must be
+    at least ``crop`` pixels in both dimensions (every window is a full crop).
+    """
+    if crop < 1 or stride < 1:
+        raise ValueError(f"window_grid: crop and stride must be positive, got crop={crop}, stride={stride}")
+    if H < crop or W < crop:
+        raise ValueError(f"window_grid: the image ({H}x{W}) is smaller than the {crop}x{crop} crop; pad it first")
+    h_grids = max(H - crop + stride - 1, 0) // stride + 1
+    w_grids = max(W - crop + stride - 1, 0) // stride + 1
+    out = []
+    for i in range(h_grids):
+        y2 = min(i * stride + crop, H)
+        y1 = max(y2 - crop, 0)
+        for j in range(w_grids):
+            x2 = min(j * stride + crop, W)
+            x1 = max(x2 - crop, 0)
+            out.append((y1, y2, x1, x2))
+    return out
+
+
+def stitch(crop_logits: np.ndarray, windows: Sequence[tuple[int, int, int, int]], H: int, W: int) -> np.ndarray:
+    """Average overlapping crop outputs ``[n, Q, c, c]`` into one ``[Q, H, W]`` float32 map.
+
+    Each window's logits are added at its place; the sum is divided by how many windows cover
+    each pixel. Every pixel must be covered (``window_grid`` guarantees it).
+    """
+    crop_logits = np.asarray(crop_logits)
+    if crop_logits.ndim != 4 or crop_logits.shape[0] != len(windows):
+        raise ValueError(
+            f"stitch: got logits of shape {tuple(crop_logits.shape)} for {len(windows)} windows, "
+            "expected [n_windows, Q, crop, crop]"
+        )
+    q = crop_logits.shape[1]
+    acc = np.zeros((q, H, W), np.float32)
+    count = np.zeros((H, W), np.float32)
+    for k, (y1, y2, x1, x2) in enumerate(windows):
+        if crop_logits.shape[2:] != (y2 - y1, x2 - x1):
+            raise ValueError(f"stitch: window {k} is {y2 - y1}x{x2 - x1}, its logits {crop_logits.shape[2:]}")
+        acc[:, y1:y2, x1:x2] += crop_logits[k]
+        count[y1:y2, x1:x2] += 1.0
+    if np.any(count == 0):
+        raise ValueError("stitch: the windows leave some pixels uncovered")
+    acc /= count
+    return acc
+
+
+def labels_from_logits(
+    logits: np.ndarray,
+    out_hw: tuple[int, int],
+    query_to_class: np.ndarray,
+    logit_scale: float,
+    prob_threshold: float = 0.0,
+    background_index: int | None = None,
+) -> np.ndarray:
+    """Stitched logits ``[Q, h, w]`` -> ``[H, W]`` int32 class labels at ``out_hw``.
+
+    Bilinear resize (OpenCV, half-pixel centres like ``F.interpolate(align_corners=False)``),
+    ``x logit_scale``, softmax over queries, max over each class's queries, argmax; where the best
+    probability is below ``prob_threshold`` the label is ``background_index``. Computed in
+    channel chunks with an online softmax (see the module docstring).
+    """
+    q, h, w = logits.shape
+    H, W = int(out_hw[0]), int(out_hw[1])
+    q2c = np.asarray(query_to_class, np.int64)
+    if q2c.shape != (q,):
+        raise ValueError(f"labels_from_logits: {q} queries but query_to_class has shape {q2c.shape}")
+    hwc = np.ascontiguousarray(logits.transpose(1, 2, 0), dtype=np.float32)  # [h, w, Q]
+    chunk = int(min(max(_CHUNK_BYTES // max(H * W * 4, 1), 1), 512, q))
+    scale = np.float32(logit_scale)
+    best = np.full((H, W), -np.inf, np.float32)
+    arg = np.zeros((H, W), np.int64)
+    denom = np.zeros((H, W), np.float32)
+    for c0 in range(0, q, chunk):
+        part = np.ascontiguousarray(hwc[:, :, c0 : c0 + chunk])
+        k = part.shape[2]
+        if (h, w) != (H, W):
+            part = cv2.resize(part, (W, H), interpolation=cv2.INTER_LINEAR)
+        part = part.reshape(H, W, k) * scale
+        cmax = part.max(axis=2)
+        carg = part.argmax(axis=2) + c0
+        new_best = np.maximum(best, cmax)
+        denom *= np.exp(best - new_best)
+        denom += np.exp(part - new_best[:, :, None]).sum(axis=2)
+        better = cmax > best  # strict: the first query wins ties, as argmax does
+        arg[better] = carg[better]
+        best = new_best
+    labels = q2c[arg].astype(np.int32)
+    if prob_threshold > 0.0 and background_index is not None:
+        labels[(1.0 / denom) < prob_threshold] = int(background_index)
+    return labels
+
+
+# -- settings -------------------------------------------------------------------------------
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UsageError(f"{what} must be a number, got {value!r}")
+    v = float(value)
+    if not np.isfinite(v):
+        raise UsageError(f"{what} must be finite, got {value!r}")
+    return v
+
+
+def _settings(bundle: Bundle, overrides: dict[str, Any]) -> dict[str, Any]:
+    where = str(bundle.root)
+    unknown = sorted(set(overrides) - set(_OVERRIDES))
+    if unknown:
+        raise UsageError(f"unknown segment option(s) {unknown}; choose from {sorted(_OVERRIDES)}")
+    seg = bundle.manifest.get("segment")
+    if not isinstance(seg, dict):
+        raise BundleError(f"{where}: the manifest has no 'segment' settings (slide_crop, slide_stride, ...)")
+    pre = bundle.preprocess
+    if pre.get("resize") != "short_side":
+        raise BundleError(f"{where}: preprocess resize {pre.get('resize')!r} is not supported for segment "
+                          "(expected 'short_side')")
+    classes = bundle.classes
+    if not classes:
+        raise BundleError(f"{where}: the vocabulary lists no classes")
+    try:
+        crop, stride, short = int(seg["slide_crop"]), int(seg["slide_stride"]), int(pre["short_side"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{where}: segment needs integer slide_crop, slide_stride and preprocess short_side ({e})") \
+            from e
+    if crop < 1 or stride < 1 or stride > crop:
+        raise BundleError(f"{where}: slide_crop {crop} / slide_stride {stride} must be positive with stride <= crop")
+    if short < crop:
+        raise BundleError(
+            f"{where}: preprocess short_side {short} is smaller than slide_crop {crop}; "
+            "windows smaller than the crop are not supported"
+        )
+    q2c = seg.get("query_to_class", list(range(len(classes))))
+    if (not isinstance(q2c, list) or not q2c
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(classes) for i in q2c)):
+        raise BundleError(f"{where}: segment query_to_class must list class indices 0..{len(classes) - 1}")
+    bg = seg.get("background_index")
+    if bg is not None and (isinstance(bg, bool) or not isinstance(bg, int) or not 0 <= bg < len(classes)):
+        raise BundleError(f"{where}: segment background_index must be null or a class index, got {bg!r}")
+    try:
+        scale = _number(seg.get("logit_scale", 40.0), "logit_scale")
+        thd = _number(seg.get("prob_threshold", 0.0), "prob_threshold")
+    except UsageError as e:
+        raise BundleError(f"{where}: {e}") from None
+    settings = {"slide_crop": crop, "slide_stride": stride, "short_side": short, "logit_scale": scale,
+                "prob_threshold": thd, "background_index": bg, "query_to_class": list(q2c)}
+    for k, v in overrides.items():
+        if v is not None:
+            settings[k] = _number(v, k)
+    if settings["logit_scale"] <= 0:
+        raise UsageError(f"logit_scale must be positive, got {settings['logit_scale']!r}")
+    if not 0.0 <= settings["prob_threshold"] <= 1.0:
+        raise UsageError(f"prob_threshold must be a number between 0 and 1, got {settings['prob_threshold']!r}")
+    if settings["prob_threshold"] > 0 and bg is None:
+        raise UsageError(
+            f"prob_threshold {settings['prob_threshold']} needs a background class, but this bundle has none "
+            "(segment.background_index is null); leave prob_threshold at 0"
+        )
+    return settings
+
+
+# -- the task -------------------------------------------------------------------------------
+class SegmentTask(PartTask):
+    """Frames in (BGR uint8), :class:`Segmentation` label maps in source pixels out.
+
+    ``overrides`` replace the manifest's ``segment`` settings ``prob_threshold`` and
+    ``logit_scale`` (None keeps the manifest's). After each call :attr:`timings` holds the
+    milliseconds spent per stage (preprocess, infer, postprocess) and :attr:`last_windows` the
+    number of crops of the last frame.
+    """
+
+    part_name = "segmenter"
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        precision: str | None = None,
+        backend: str | None = None,
+        threads: int | None = None,
+        **overrides: Any,
+    ):
+        # PartTask.__init__ assumes a letterboxed 'images' input; this part takes 'crops' from a
+        # short-side resize, so the loading steps are done here with the same helpers.
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.settings: dict[str, Any] = _settings(self.bundle, overrides)  # cheap checks first
+        self.part = self.bundle.part(self.part_name)
+        where = f"{self.bundle.root}: part {self.part_name!r}"
+        self.backend_name: str = resolve_backend(backend)
+        available = part_precisions(self.part, self.backend_name)
+        target = (self.bundle.manifest.get("calibration") or {}).get("target", "tensorrt")
+        if target == "cpu" and self.backend_name == "tensorrt":
+            available = [p for p in available if p != "int8"]
+        self.precision = choose_precision(available, precision, has_accelerator(self.backend_name), where, target)
+        pre = self.bundle.preprocess
+        color = str(pre.get("color", "RGB")).upper()
+        if color not in ("RGB", "BGR"):
+            raise BundleError(f"{where}: preprocess color {color!r} is not supported (expected 'RGB' or 'BGR')")
+        self._rgb = color == "RGB"
+        scale = float(pre.get("scale", 1.0))
+        mean = np.broadcast_to(np.asarray(pre.get("mean", [0, 0, 0]), np.float64).reshape(-1), 3)
+        std = np.broadcast_to(np.asarray(pre.get("std", [1, 1, 1]), np.float64).reshape(-1), 3)
+        if np.any(std == 0):
+            raise BundleError(f"{where}: preprocess std must be non-zero, got {list(std)}")
+        self._a = (scale / std).astype(np.float32).reshape(1, 1, 3)
+        self._b = (-mean / std).astype(np.float32).reshape(1, 1, 3)
+        self.classes: list[str] = self.bundle.classes
+        self._q2c = np.asarray(self.settings["query_to_class"], np.int64)
+        self.backend, self.model_path = open_part_backend(
+            self.bundle, self.part_name, self.precision, self.backend_name, threads=threads
+        )
+        try:
+            self._check_io(where)
+        except BaseException:
+            self.backend.close()
+            raise
+        spec = self._input_spec(CROPS_INPUT)
+        self._max_batch: int | None = (
+            spec.shape[0] if isinstance(spec.shape[0], int) else getattr(self.backend, "max_batch", None)
+        )
+        self.timings: dict[str, float] = {}
+        self.last_windows = 0
+
+    def _check_io(self, where: str) -> None:
+        declared = {s.name for s in self.part.io.inputs}
+        actual = {s.name for s in self.backend.inputs}
+        if declared and declared != actual:
+            raise BundleError(f"{where}: the manifest declares inputs {sorted(declared)} but the model has {sorted(actual)}")
+        if actual != {CROPS_INPUT}:
+            raise BundleError(f"{where}: the segmenter must take only {CROPS_INPUT!r}, it takes {sorted(actual)}")
+        c = self.settings["slide_crop"]
+        shape = self._input_spec(CROPS_INPUT).shape
+        if len(shape) != 4 or shape[1] not in (3, "channels") or any(isinstance(d, int) and d != c for d in shape[2:]):
+            raise BundleError(f"{where}: input {CROPS_INPUT!r} has shape {list(shape)}, expected [n, 3, {c}, {c}]")
+        outs = {s.name: s for s in self.backend.outputs}
+        if LOGITS_OUTPUT not in outs:
+            raise BundleError(f"{where}: the segmenter has no {LOGITS_OUTPUT!r} output (it has {sorted(outs)})")
+        oshape = outs[LOGITS_OUTPUT].shape
+        q = len(self._q2c)
+        if len(oshape) != 4 or (isinstance(oshape[1], int) and oshape[1] != q):
+            raise BundleError(
+                f"{where}: output {LOGITS_OUTPUT!r} has shape {list(oshape)}, expected [n, {q}, {c}, {c}] "
+                f"({q} queries in segment.query_to_class)"
+            )
+
+    # -- running -----------------------------------------------------------------------
+    def segment(self, bgr: np.ndarray, stamp: FrameStamp | None = None) -> Segmentation:
+        """Segment one BGR uint8 frame; the label map has the frame's size."""
+        return self.segment_batch([bgr], None if stamp is None else [stamp])[0]
+
+    def segment_batch(
+        self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None
+    ) -> list[Segmentation]:
+        """Segment several frames, one after the other (each frame's crops form the graph batches)."""
+        if isinstance(images, np.ndarray):
+            raise UsageError("segment_batch: expected a list of HxWx3 uint8 arrays, got a single array")
+        images = list(images)
+        for i, img in enumerate(images):
+            check_image(img, what=f"image {i}")
+        stamps = list(stamps) if stamps is not None else [None] * len(images)
+        if len(stamps) != len(images):
+            raise UsageError(f"segment_batch: got {len(stamps)} stamps for {len(images)} images")
+        times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
+        out: list[Segmentation] = []
+        for img, stamp in zip(images, stamps):
+            out.append(self._segment_one(img, stamp, times))
+        self.timings = times
+        return out
+
+    def preprocess(self, bgr: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int, int]], tuple[int, int]]:
+        """One frame -> (crops ``[n, 3, c, c]`` float32, their windows, the resized ``(H, W)``)."""
+        check_image(bgr)
+        s = self.settings
+        img = resize_short_side(bgr, s["short_side"])
+        H, W = img.shape[:2]
+        if self._rgb:
+            img = img[:, :, ::-1]
+        norm = img.astype(np.float32) * self._a + self._b  # [H, W, 3]
+        c = s["slide_crop"]
+        windows = window_grid(H, W, c, s["slide_stride"])
+        crops = np.empty((len(windows), 3, c, c), np.float32)
+        for k, (y1, y2, x1, x2) in enumerate(windows):
+            crops[k] = norm[y1:y2, x1:x2].transpose(2, 0, 1)
+        return crops, windows, (H, W)
+
+    def _infer(self, crops: np.ndarray) -> np.ndarray:
+        n = crops.shape[0]
+        step = n if self._max_batch is None else int(self._max_batch)
+        parts = []
+        for i in range(0, n, step):
+            chunk = crops[i : i + step]
+            if self._max_batch is not None and isinstance(self._input_spec(CROPS_INPUT).shape[0], int) \
+                    and chunk.shape[0] < step:
+                # A fixed-batch graph: pad the last chunk with copies, drop their outputs.
+                fill = np.repeat(chunk[-1:], step - chunk.shape[0], axis=0)
+                res = self.backend.infer({CROPS_INPUT: np.concatenate([chunk, fill])})[LOGITS_OUTPUT][: chunk.shape[0]]
+            else:
+                res = self.backend.infer({CROPS_INPUT: chunk})[LOGITS_OUTPUT]
+            parts.append(np.asarray(res, np.float32))
+        logits = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        c, q = crops.shape[2], len(self._q2c)
+        if logits.shape != (n, q, c, c):
+            raise BundleError(
+                f"{self.bundle.root}: the segmenter returned logits of shape {tuple(logits.shape)}, "
+                f"expected {(n, q, c, c)}"
+            )
+        return logits
+
+    def _segment_one(self, bgr: np.ndarray, stamp: FrameStamp | None, times: dict[str, float]) -> Segmentation:
+        s = self.settings
+        t0 = now_ms()
+        crops, windows, (H, W) = self.preprocess(bgr)
+        t1 = now_ms()
+        logits = self._infer(crops)
+        t2 = now_ms()
+        stitched = stitch(logits, windows, H, W)
+        labels = labels_from_logits(
+            stitched, bgr.shape[:2], self._q2c, s["logit_scale"], s["prob_threshold"], s["background_index"]
+        )
+        times["preprocess"] += t1 - t0
+        times["infer"] += t2 - t1
+        times["postprocess"] += now_ms() - t2
+        self.last_windows = len(windows)
+        return Segmentation(labels, self.classes, stamp)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({k: v for k, v in self.settings.items() if k != "query_to_class"})
+        d.update(classes=len(self.classes), queries=len(self._q2c))
+        return d
