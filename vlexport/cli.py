@@ -171,11 +171,17 @@ def _print_export_report(report) -> None:
 
 
 def _metrics_table(metrics: dict) -> str:
-    lines = [f"  {'precision':<10} {'mAP50-95':>9} {'mAP50':>7} {'images':>7}"]
-    base = metrics.get("fp32", {}).get("map50_95")
+    """Detection (mAP50-95, mAP50) or segmentation (mIoU, pixel accuracy) per precision, vs FP32."""
+    first = next(iter(metrics.values()), {})
+    main, second, names = (("miou", "pixel_accuracy", ("mIoU", "pix acc")) if "miou" in first
+                           else ("map50_95", "map50", ("mAP50-95", "mAP50")))
+    lines = [f"  {'precision':<10} {names[0]:>9} {names[1]:>8} {'images':>7}"]
+    base = metrics.get("fp32", {}).get(main)
     for prec, m in metrics.items():
-        drop = "" if base is None or prec == "fp32" else f"  ({100 * (m['map50_95'] - base):+.2f})"
-        lines.append(f"  {prec:<10} {100 * m['map50_95']:>9.2f} {100 * m['map50']:>7.2f} {m.get('images', 0):>7}{drop}")
+        drop = "" if base is None or prec == "fp32" or m.get(main) is None else f"  ({100 * (m[main] - base):+.2f})"
+        a = "   n/a" if m.get(main) is None else f"{100 * m[main]:>9.2f}"
+        b = "   n/a" if m.get(second) is None else f"{100 * m[second]:>8.2f}"
+        lines.append(f"  {prec:<10} {a} {b} {m.get('images', 0):>7}{drop}")
     return "\n".join(lines)
 
 
@@ -210,6 +216,46 @@ def yolo_cmd(**kw) -> None:
     precision.check()
     out = kw.pop("out") or Path("bundles") / f"yolo-{kw['arch'] or Path(kw['checkpoint']).stem}"
     report = export_yolo(YoloExportOptions(out=out, precision=precision, **kw))
+    _print_export_report(report)
+
+
+# --------------------------------------------------------------------------- export: sclip
+@cli.command("sclip")
+@click.option("--preset", default="vit-b16", show_default=True, help="tiny, vit-b16 (ViT-B/16), vit-l14-336.")
+@click.option("--classes", help='Class names, comma-separated; put synonyms of one class in a --vocab line instead.')
+@click.option("--vocab", type=click.Path(path_type=Path), help='One class per line; synonyms on one line separated by ", ".')
+@click.option("--templates", default="imagenet80", show_default=True, help="imagenet80, single, or a file (one per line, with {}).")
+@click.option("--clip-model", help="open_clip model (default: the preset's).")
+@click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai).")
+@click.option("--imgsz", "short_side", type=int, help="Short side the image is resized to (default 336).")
+@click.option("--slide-crop", type=int, help="Sliding-window crop (default 224).")
+@click.option("--slide-stride", type=int, help="Sliding-window stride (default 112).")
+@click.option("--pamr-steps", default=0, show_default=True, type=click.IntRange(0), help="PAMR iterations (not exported yet).")
+@click.option("--logit-scale", type=float, help="Temperature before the softmax (default 40).")
+@click.option("--prob-threshold", type=float, help="Pixels below this probability go to --background-index.")
+@click.option("--background-index", type=int, help="Class index that collects uncertain pixels (e.g. 0 for VOC).")
+@click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/sclip-PRESET].")
+@click.option("--overwrite", is_flag=True)
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21))
+@precision_options
+def sclip_cmd(**kw) -> None:
+    """Export SCLIP open-vocabulary segmentation (part: segmenter, text embeddings baked in).
+
+    \b
+    Examples:
+      vlexport sclip --vocab voc21.txt --background-index 0 --prob-threshold 0.1 --fp16
+      vlexport sclip --preset tiny --classes "sky,tree,person" --out /tmp/seg   # seconds, random weights
+    """
+    _require_export_extra()
+    from vlexport.export.sclip import SCLIPExportOptions, export_sclip
+    from vlexport.models.text import parse_vocabulary
+
+    kw["parity_source"] = kw.pop("val")
+    precision = _precision(kw)
+    precision.check()
+    classes = parse_vocabulary(kw.pop("classes"), kw.pop("vocab"))
+    out = kw.pop("out") or Path("bundles") / f"sclip-{kw['preset']}"
+    report = export_sclip(SCLIPExportOptions(out=out, classes=classes, precision=precision, **kw))
     _print_export_report(report)
 
 

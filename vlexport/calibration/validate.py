@@ -12,32 +12,44 @@ log = logging.getLogger("vlexport")
 
 def validate_bundle(bundle_path: str | os.PathLike, data: str, *, precisions: list[str] | None = None,
                     max_images: int | None = None, threads: int | None = None) -> dict[str, dict[str, float]]:
-    """COCO mAP50-95 / mAP50 per precision (FP32 first: it is what the others are compared with)."""
+    """The task metric per precision (FP32 first: it is what the others are compared with).
+
+    Detection: COCO mAP50-95 / mAP50 on a YOLO or COCO dataset. Segmentation: mIoU, per-class
+    IoU and pixel accuracy on id masks (COCO128 + semantic.yaml) or VOC palette masks.
+    """
     from vlexport import runtime
-    from vlexport.calibration.datasets import load_detection_dataset
-    from vlexport.calibration.evaluate import evaluate_detector
     from vlexport.runtime.bundle import Bundle
 
     bundle = Bundle.open(bundle_path)
-    if bundle.task != "detect":
-        raise UsageError(f"validate measures detection (mAP) for now; this bundle's task is {bundle.task!r}")
-    have = bundle.part("detector").precisions
+    if bundle.task == "detect":
+        from vlexport.calibration.datasets import load_detection_dataset
+        from vlexport.calibration.evaluate import evaluate_detector
+
+        part, load_data, evaluate, options = "detector", load_detection_dataset, evaluate_detector, \
+            {"score_threshold": 0.001, "max_detections": 300}
+    elif bundle.task == "segment":
+        from vlexport.calibration.segmentation import evaluate_segmenter, load_segmentation_dataset
+
+        part, load_data, evaluate, options = "segmenter", load_segmentation_dataset, evaluate_segmenter, {}
+    else:
+        raise UsageError(f"validate measures detection and segmentation; this bundle's task is {bundle.task!r}")
+    have = bundle.part(part).precisions
     if "fp32" not in have:
-        raise BundleError(f"{bundle.root} has no FP32 detector to compare the other precisions against "
+        raise BundleError(f"{bundle.root} has no FP32 {part} to compare the other precisions against "
                           f"(it has {', '.join(have)}); export it again")
     wanted = precisions or have
     missing = [p for p in wanted if p not in have]
     if missing:
-        raise UsageError(f"{bundle.root} has no {', '.join(missing)} detector (it has {', '.join(have)})")
-    dataset = load_detection_dataset(data)
+        raise UsageError(f"{bundle.root} has no {', '.join(missing)} {part} (it has {', '.join(have)})")
+    dataset = load_data(data)
     if max_images is not None:
         dataset = dataset.subset(list(range(min(max_images, len(dataset.items)))))
     results: dict[str, dict[str, float]] = {}
     for precision in ["fp32", *[p for p in wanted if p != "fp32"]]:
         log.info("evaluating %s on %d image(s) of %s…", precision, len(dataset.items), data)
-        task = runtime.load(bundle, precision=precision, threads=threads, score_threshold=0.001, max_detections=300)
+        task = runtime.load(bundle, precision=precision, threads=threads, **options)
         try:
-            results[precision] = evaluate_detector(task, dataset, progress=True).to_dict()
+            results[precision] = evaluate(task, dataset, progress=True).to_dict()
         finally:
             task.close()
     return results

@@ -41,7 +41,7 @@ class OutputParity:
         return out
 
 
-def compare(name: str, ref: np.ndarray, got: np.ndarray) -> OutputParity:
+def compare(name: str, ref: np.ndarray, got: np.ndarray, argmax_axis: int | None = None) -> OutputParity:
     """Compare one output tensor of the export (``got``) with PyTorch's (``ref``)."""
     if ref.shape != got.shape:
         return OutputParity(name=name, max_abs=float("inf"), finite=bool(np.isfinite(got).all()) if got.dtype.kind == "f" else True)
@@ -56,7 +56,11 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray) -> OutputParity:
     diff = np.abs(r - g)
     denom = np.linalg.norm(r) * np.linalg.norm(g)
     cos = float(r @ g / denom) if denom > 0 else float(np.array_equal(r, g))
-    return OutputParity(name=name, max_abs=float(diff.max()), mean_abs=float(diff.mean()), cosine=cos, finite=finite)
+    agree = None
+    if argmax_axis is not None:  # e.g. per-pixel class agreement of segmentation logits
+        agree = float((ref.argmax(argmax_axis) == got.argmax(argmax_axis)).mean())
+    return OutputParity(name=name, max_abs=float(diff.max()), mean_abs=float(diff.mean()), cosine=cos, finite=finite,
+                        agreement=agree)
 
 
 Batches = list[tuple[torch.Tensor, ...]]
@@ -100,7 +104,8 @@ def check_parity(part: Part, path: Path, precision: str, batches: Batches,
     results: dict[str, OutputParity] = {}
     problems: list[str] = []
     for name in part.output_names:
-        res = compare(name, ref[name], got[name])
+        tol = tols.get(name)
+        res = compare(name, ref[name], got[name], tol.argmax_axis if tol is not None else None)
         results[name] = res
-        problems += [f"{part.name}/{precision} {p}" for p in res.violations(tols.get(name))]
+        problems += [f"{part.name}/{precision} {p}" for p in res.violations(tol)]
     return results, problems

@@ -23,6 +23,7 @@ class OutputTolerance:
     max_abs: float | None = None
     min_cosine: float | None = None
     min_agreement: float | None = None
+    argmax_axis: int | None = None  # float outputs: also gate the argmax over this axis by min_agreement
 
 
 @dataclass

@@ -11,7 +11,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -77,6 +77,10 @@ class ExportPlan:
     provenance: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # One BGR frame → the tensor the parts' ``make_inputs`` take (default: the runtime's letterbox
+    # pre-processing of ``preprocess``); families with another input (SCLIP's crops) set it.
+    frame_to_tensor: Callable[[np.ndarray], torch.Tensor] | None = None
+    extra_manifest: dict[str, Any] = field(default_factory=dict)  # family sections, e.g. "segment"
 
 
 @dataclass
@@ -188,6 +192,7 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
         }
         if "fp16" in extra:
             manifest["fp16"] = extra["fp16"]
+        manifest.update(plan.extra_manifest)
         metrics: dict[str, dict[str, float]] = {}
         gate_rounds: list[dict[str, Any]] = []
         if prec.int8:
@@ -229,19 +234,24 @@ def _calibration_set(plan: ExportPlan, prec: PrecisionOptions):
     return calib
 
 
+def _letterbox_tensor(preprocess: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
+    from vlexport.runtime.preprocess import Preprocessor
+
+    pre = Preprocessor(preprocess)
+    return lambda frame: torch.from_numpy(pre(frame)[0])
+
+
 def _calibration_inputs(part: Part, calib, plan: ExportPlan, files_of: dict[str, Path]) -> list[dict[str, np.ndarray]]:
     """Feeds for the part on every calibration image, pre-processed exactly as the runtime does.
 
     An inner part (``calib_from``) gets what the preceding part's FP32 graph outputs on each
     calibration image, recorded by running that graph.
     """
-    from vlexport.runtime.preprocess import Preprocessor
-
-    pre = Preprocessor(plan.preprocess)
+    to_tensor = plan.frame_to_tensor or _letterbox_tensor(plan.preprocess)
     if part.calib_from is None:
         feeds = []
         for frame in calib.frames:
-            x = torch.from_numpy(pre(frame)[0])
+            x = to_tensor(frame)
             feeds.append({n: t.detach().cpu().numpy() for n, t in zip(part.input_names, part.make_inputs(x))})
         return feeds
     if part.calib_from not in files_of or part.calib_feeds is None:
@@ -253,7 +263,7 @@ def _calibration_inputs(part: Part, calib, plan: ExportPlan, files_of: dict[str,
     with OrtBackend(files_of[part.calib_from], providers=["CPUExecutionProvider"]) as backend:
         recorded = []
         for frame in calib.frames:
-            x = torch.from_numpy(pre(frame)[0])
+            x = to_tensor(frame)
             feeds = {n: t.detach().cpu().numpy() for n, t in zip(upstream.input_names, upstream.make_inputs(x))}
             recorded.append(part.calib_feeds(backend.infer(feeds)))
     return recorded
