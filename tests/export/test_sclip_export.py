@@ -108,3 +108,15 @@ def test_vit_b16_parity(tmp_path, assets):
                                              parity_count=1))
     p = report.parity["segmenter/fp32"]["logits"]
     assert p["max_abs"] < 1e-3 and p["agreement"] >= 0.999
+
+
+def test_int8_calibrates_on_the_sliding_window_crops(tmp_path, assets):
+    out = tmp_path / "b"
+    r = invoke("sclip", "--preset", "tiny", "--classes", "sky,tree,person", "--templates", "single", "--int8",
+               "--calib", assets / "images", "--calib-size", "3", "--out", out)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["calibration"]["count"] == 3 and m["parts"]["segmenter"]["files"]["int8"] == "segmenter.int8.onnx"
+    seg = load(out, precision="int8").segment(cv2.imread(str(assets / "images" / "bus.jpg")))
+    ref = load(out, precision="fp32").segment(cv2.imread(str(assets / "images" / "bus.jpg")))
+    assert (seg.label_map == ref.label_map).mean() > 0.5

@@ -252,7 +252,11 @@ def _calibration_inputs(part: Part, calib, plan: ExportPlan, files_of: dict[str,
         feeds = []
         for frame in calib.frames:
             x = to_tensor(frame)
-            feeds.append({n: t.detach().cpu().numpy() for n, t in zip(part.input_names, part.make_inputs(x))})
+            # One feed per sample: frames can yield different numbers of samples (SCLIP's crops),
+            # and the calibrator stacks feeds.
+            for i in range(x.shape[0]):
+                feeds.append({n: t.detach().cpu().numpy()
+                              for n, t in zip(part.input_names, part.make_inputs(x[i:i + 1]))})
         return feeds
     if part.calib_from not in files_of or part.calib_feeds is None:
         raise ExportError(f"part {part.name!r} calibrates from {part.calib_from!r}, which must be exported before it "
