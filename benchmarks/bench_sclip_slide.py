@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--preset", default="vit-b16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pamr-steps", type=int, default=10, help="PAMR iterations for the PAMR comparison (0: skip it)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/sclip_slide.json"))
     args = ap.parse_args()
 
@@ -60,12 +61,26 @@ def main() -> None:
             "crops only: onnxruntime one batch": lambda: task.backend.infer({"crops": crops}),
         }, warmup=1, rounds=args.rounds, per_round=1)
         windows = task.last_windows  # windows cut from the last frame
+        pamr = {}
+        if args.pamr_steps > 0:
+            # PAMR at the image's own size: numpy in the runtime vs the exported `refiner` graph.
+            pamr_tasks = {}
+            for where in ("runtime", "graph"):
+                out = Path(tmp) / f"pamr-{where}"
+                export_sclip(SCLIPExportOptions(out=out, preset=args.preset, classes=classes, templates="single",
+                                                parity_count=1, pamr_steps=args.pamr_steps, pamr_in=where))
+                pamr_tasks[where] = load(out, precision="fp32", threads=args.threads)
+            pamr = interleaved_latency({f"end to end with PAMR x{args.pamr_steps} in the {w}": (lambda t=t: t.segment(image))
+                                        for w, t in pamr_tasks.items()}, warmup=1, rounds=args.rounds, per_round=1)
     base = res["end to end: pytorch, per-crop loop"]["median_ms"]
     rows = [[k, f"{v['median_ms']:.0f}", f"{v['median_ms'] / base:.2f}x"] for k, v in res.items()]
     print(f"\nSCLIP {args.preset} on a 1024x768 image ({windows} windows), {args.threads} threads")
     print_table(rows, ["contender", "median ms", "vs loop"])
+    if pamr:
+        print()
+        print_table([[k, f"{v['median_ms']:.0f}"] for k, v in pamr.items()], ["PAMR", "median ms"])
     write_json(args.json, {"benchmark": "sclip_slide", "preset": args.preset, "windows": windows, "results": res,
-                           "machine": machine_info()})
+                           "pamr": pamr, "machine": machine_info()})
 
 
 if __name__ == "__main__":

@@ -230,7 +230,9 @@ def yolo_cmd(**kw) -> None:
 @click.option("--imgsz", "short_side", type=int, help="Short side the image is resized to (default 336).")
 @click.option("--slide-crop", type=int, help="Sliding-window crop (default 224).")
 @click.option("--slide-stride", type=int, help="Sliding-window stride (default 112).")
-@click.option("--pamr-steps", default=0, show_default=True, type=click.IntRange(0), help="PAMR iterations (not exported yet).")
+@click.option("--pamr-steps", default=0, show_default=True, type=click.IntRange(0), help="PAMR refinement iterations (0: off, as SCLIP's configs).")
+@click.option("--pamr-in", default="runtime", show_default=True, type=click.Choice(["runtime", "graph"]),
+              help="Run PAMR in the runtime (numpy) or as an exported `refiner` graph (see benchmarks/bench_sclip_slide.py).")
 @click.option("--logit-scale", type=float, help="Temperature before the softmax (default 40).")
 @click.option("--prob-threshold", type=float, help="Pixels below this probability go to --background-index.")
 @click.option("--background-index", type=int, help="Class index that collects uncertain pixels (e.g. 0 for VOC).")

@@ -120,3 +120,23 @@ def test_int8_calibrates_on_the_sliding_window_crops(tmp_path, assets):
     seg = load(out, precision="int8").segment(cv2.imread(str(assets / "images" / "bus.jpg")))
     ref = load(out, precision="fp32").segment(cv2.imread(str(assets / "images" / "bus.jpg")))
     assert (seg.label_map == ref.label_map).mean() > 0.5
+
+
+def test_pamr_in_runtime_and_in_graph_agree_with_pytorch(tmp_path, assets):
+    from vlexport.models.sclip import SCLIPSegmenter
+
+    img = cv2.imread(str(assets / "images" / "zidane.jpg"))
+    labels = {}
+    for where in ("runtime", "graph"):
+        out = tmp_path / where
+        r = invoke("sclip", "--preset", "tiny", "--classes", "sky,tree,person", "--templates", "single",
+                   "--pamr-steps", "3", "--pamr-in", where, "--out", out)
+        assert r.exit_code == 0, r.output
+        files = json.loads((out / "manifest.json").read_text())["parts"]
+        assert ("refiner" in files) == (where == "graph")
+        labels[where] = load(out, precision="fp32").segment(img).label_map
+    seg = SCLIPSegmenter.from_preset("tiny", ["sky", "tree", "person"], templates=("a photo of a {}.",), pamr_steps=3)
+    with torch.no_grad():
+        ref = seg.segment(img)
+    assert (labels["runtime"] == labels["graph"]).mean() > 0.999
+    assert (labels["runtime"] == ref).mean() > 0.99

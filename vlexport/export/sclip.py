@@ -38,6 +38,7 @@ class SCLIPExportOptions:
     slide_crop: int | None = None
     slide_stride: int | None = None
     pamr_steps: int = 0
+    pamr_in: str = "runtime"  # "runtime" (numpy) or "graph" (an exported `refiner` part)
     logit_scale: float | None = None
     prob_threshold: float | None = None
     background_index: int | None = None
@@ -54,13 +55,12 @@ def _segmenter(opts: SCLIPExportOptions):
 
     if opts.preset not in SCLIP_PRESETS:
         raise UsageError(f"unknown sclip preset {opts.preset!r}; choose one of {', '.join(SCLIP_PRESETS)}")
-    if opts.pamr_steps:
-        raise UsageError("--pamr-steps is not exported yet (the released SCLIP configs run without PAMR); "
-                         "use the PyTorch SCLIPSegmenter for PAMR")
+    if opts.pamr_in not in ("runtime", "graph"):
+        raise UsageError(f"--pamr-in must be runtime or graph, got {opts.pamr_in!r}")
     overrides = {k: v for k, v in {
         "clip_model": opts.clip_model, "clip_pretrained": opts.clip_pretrained, "short_side": opts.short_side,
         "slide_crop": opts.slide_crop, "slide_stride": opts.slide_stride, "logit_scale": opts.logit_scale,
-        "prob_threshold": opts.prob_threshold}.items() if v is not None}
+        "prob_threshold": opts.prob_threshold, "pamr_steps": opts.pamr_steps or None}.items() if v is not None}
     templates_id, templates = resolve_templates(opts.templates)
     classes = opts.classes or []
     if not classes:
@@ -108,8 +108,11 @@ def build_plan(opts: SCLIPExportOptions) -> ExportPlan:
                     "fp16": {"logits": OutputTolerance(min_cosine=0.999)}},
         quantize=True,
     )
+    parts = [part]
+    if cfg.pamr_steps > 0 and opts.pamr_in == "graph":
+        parts.append(_refiner_part(seg))
     return ExportPlan(
-        family="sclip", task="segment", preset=opts.preset, parts=[part], parity_images=crops,
+        family="sclip", task="segment", preset=opts.preset, parts=parts, parity_images=crops,
         parity_source=label,
         preprocess={"resize": "short_side", "short_side": cfg.short_side, "max_long_side": cfg.max_long_side,
                     "color": "RGB", "scale": 1.0, "mean": list(cfg.mean), "std": list(cfg.std)},
@@ -128,7 +131,37 @@ def build_plan(opts: SCLIPExportOptions) -> ExportPlan:
         extra_manifest={"segment": {
             "slide_crop": crop, "slide_stride": cfg.slide_stride, "logit_scale": cfg.logit_scale,
             "prob_threshold": cfg.prob_threshold, "background_index": opts.background_index,
-            "query_to_class": [int(i) for i in seg.query_to_class.tolist()]}},
+            "query_to_class": [int(i) for i in seg.query_to_class.tolist()],
+            "pamr": {"steps": cfg.pamr_steps, "dilations": list(cfg.pamr_dilations), "where": opts.pamr_in}}},
+    )
+
+
+class _Refiner(torch.nn.Module):
+    """Export wrapper: PAMR(guide [1, 3, H, W], mask [1, Q, H, W]) -> refined mask."""
+
+    def __init__(self, pamr: torch.nn.Module):
+        super().__init__()
+        self.pamr = pamr
+
+    def forward(self, guide: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.pamr(guide, mask)
+
+
+def _refiner_part(seg) -> Part:
+    from vlexport.models.pamr import PAMR
+
+    cfg = seg.config
+    q = int(seg.text_embeddings.shape[0])
+    return Part(
+        name="refiner",
+        module=_Refiner(PAMR(cfg.pamr_steps, cfg.pamr_dilations)).eval(),
+        io=PartIO(inputs=(TensorSpec("guide", "float32", (1, 3, "height", "width")),
+                          TensorSpec("mask", "float32", (1, q, "height", "width"))),
+                  outputs=(TensorSpec("refined", "float32", (1, q, "height", "width")),)),
+        # Parity on a crop and its own logits: what the runtime feeds at the source size.
+        make_inputs=lambda x: (x[:1], seg.crop_logits(x[:1]).detach()),
+        tolerances={"fp32": {"refined": OutputTolerance(max_abs=1e-3, min_agreement=0.999, argmax_axis=1)},
+                    "fp16": {"refined": OutputTolerance(min_cosine=0.999)}},
     )
 
 

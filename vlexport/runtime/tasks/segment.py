@@ -289,6 +289,12 @@ class SegmentTask(PartTask):
         )
         self.timings: dict[str, float] = {}
         self.last_windows = 0
+        self._threads = threads
+        try:
+            self._setup_pamr()
+        except BaseException:
+            self.backend.close()
+            raise
 
     def _check_io(self, where: str) -> None:
         declared = {s.name for s in self.part.io.inputs}
@@ -338,6 +344,10 @@ class SegmentTask(PartTask):
 
     def preprocess(self, bgr: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int, int]], tuple[int, int]]:
         """One frame -> (crops ``[n, 3, c, c]`` float32, their windows, the resized ``(H, W)``)."""
+        crops, windows, hw, _ = self._preprocess(bgr)
+        return crops, windows, hw
+
+    def _preprocess(self, bgr: np.ndarray):
         check_image(bgr)
         s = self.settings
         img = resize_short_side(bgr, s["short_side"])
@@ -345,12 +355,18 @@ class SegmentTask(PartTask):
         if self._rgb:
             img = img[:, :, ::-1]
         norm = img.astype(np.float32) * self._a + self._b  # [H, W, 3]
+        crops, windows = self._crops(norm)
+        return crops, windows, (H, W), norm
+
+    def _crops(self, norm: np.ndarray):
+        s = self.settings
+        H, W = norm.shape[:2]
         c = s["slide_crop"]
         windows = window_grid(H, W, c, s["slide_stride"])
         crops = np.empty((len(windows), 3, c, c), np.float32)
         for k, (y1, y2, x1, x2) in enumerate(windows):
             crops[k] = norm[y1:y2, x1:x2].transpose(2, 0, 1)
-        return crops, windows, (H, W)
+        return crops, windows
 
     def _infer(self, crops: np.ndarray) -> np.ndarray:
         n = crops.shape[0]
@@ -378,11 +394,13 @@ class SegmentTask(PartTask):
     def _segment_one(self, bgr: np.ndarray, stamp: FrameStamp | None, times: dict[str, float]) -> Segmentation:
         s = self.settings
         t0 = now_ms()
-        crops, windows, (H, W) = self.preprocess(bgr)
+        crops, windows, (H, W), norm = self._preprocess(bgr)
         t1 = now_ms()
         logits = self._infer(crops)
         t2 = now_ms()
         stitched = stitch(logits, windows, H, W)
+        if self._pamr_steps > 0:
+            stitched = self._refine(stitched, norm, bgr.shape[:2])
         labels = labels_from_logits(
             stitched, bgr.shape[:2], self._q2c, s["logit_scale"], s["prob_threshold"], s["background_index"]
         )
@@ -391,6 +409,41 @@ class SegmentTask(PartTask):
         times["postprocess"] += now_ms() - t2
         self.last_windows = len(windows)
         return Segmentation(labels, self.classes, stamp)
+
+    def _setup_pamr(self) -> None:
+        """PAMR as the manifest says: none, in numpy (``runtime``) or the exported ``refiner`` graph."""
+        pamr = (self.bundle.manifest.get("segment") or {}).get("pamr") or {}
+        self._pamr_steps = int(pamr.get("steps", 0))
+        self._pamr_dilations = tuple(int(d) for d in pamr.get("dilations", (8, 16)))
+        self._pamr_where = pamr.get("where", "runtime")
+        self._refiner = None
+        if self._pamr_steps > 0 and self._pamr_where == "graph":
+            from vlexport.runtime.backends import create_backend
+
+            part = self.bundle.part("refiner")
+            self._refiner = create_backend(self.bundle.verify(part.files["fp32"]), "onnxruntime", self._threads)
+
+    def _refine(self, stitched: np.ndarray, norm: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+        """PAMR at the source size, guided by the normalised input resized there (as the reference)."""
+        import cv2
+
+        H, W = out_hw
+        guide = cv2.resize(norm, (W, H), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+        hwq = np.ascontiguousarray(stitched.transpose(1, 2, 0))
+        mask = np.stack([cv2.resize(np.ascontiguousarray(hwq[:, :, i]), (W, H), interpolation=cv2.INTER_LINEAR)
+                         for i in range(hwq.shape[2])])
+        if self._refiner is not None:
+            out = self._refiner.infer({"guide": np.ascontiguousarray(guide[None]), "mask": mask[None]})
+            return out["refined"][0]
+        from vlexport.runtime.pamr import pamr
+
+        return pamr(np.ascontiguousarray(guide), mask, self._pamr_steps, self._pamr_dilations)
+
+    def close(self) -> None:
+        """Release the segmenter (and the refiner graph, if any)."""
+        if getattr(self, "_refiner", None) is not None:
+            self._refiner.close()
+        super().close()
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
