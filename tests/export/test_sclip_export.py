@@ -90,8 +90,8 @@ def test_run_on_video_and_validate(voc_bundle, assets, tmp_path):
 def test_bad_sclip_arguments(tmp_path):
     r = invoke("sclip", "--preset", "nope", "--classes", "a,b", "--out", tmp_path / "b")
     assert r.exit_code == 1 and "unknown sclip preset" in r.output
-    r = invoke("sclip", "--preset", "tiny", "--classes", "a,b", "--pamr-steps", "3", "--out", tmp_path / "b")
-    assert r.exit_code == 1 and "--pamr-steps" in r.output
+    r = invoke("sclip", "--preset", "tiny", "--classes", "a,b", "--background-index", "5", "--out", tmp_path / "b")
+    assert r.exit_code == 1 and "--background-index must be a class index" in r.output
     r = invoke("sclip", "--preset", "tiny", "--classes", "a,b", "--slide-crop", "64", "--slide-stride", "80",
                "--out", tmp_path / "b")
     assert r.exit_code == 1 and "slide_stride <= slide_crop" in r.output

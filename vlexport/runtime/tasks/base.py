@@ -51,6 +51,8 @@ class PartTask:
     """Loads one part of a bundle on a backend, with the bundle's pre-processing."""
 
     part_name: str = ""
+    #: The graph input the frames are fed to.
+    input_name: str = IMAGE_INPUT
 
     def __init__(
         self,
@@ -70,7 +72,7 @@ class PartTask:
         if target == "cpu" and self.backend_name == "tensorrt":
             available = [p for p in available if p != "int8"]  # uint8 Q/DQ is onnxruntime-only
         self.precision = choose_precision(available, precision, has_accelerator(self.backend_name), where, target)
-        self.preprocessor = Preprocessor(self.bundle.preprocess)
+        self._setup_preprocessing(where)
         # On TensorRT this builds the engine on first use (progress line) and returns its path.
         self.backend: Backend
         self.backend, self.model_path = open_part_backend(
@@ -81,13 +83,17 @@ class PartTask:
         except BaseException:
             self.backend.close()
             raise
-        spec = self._input_spec(IMAGE_INPUT)
+        spec = self._input_spec(self.input_name)
         # A graph exported with a fixed batch of N takes the frames N at a time; a TensorRT engine
         # takes at most its optimisation profile's max batch.
         self._max_batch: int | None = (
             spec.shape[0] if isinstance(spec.shape[0], int) else getattr(self.backend, "max_batch", None)
         )
         self.timings: dict[str, float] = {}
+
+    def _setup_preprocessing(self, where: str) -> None:
+        """The frame pre-processing from the manifest (letterbox; tasks with other inputs override)."""
+        self.preprocessor = Preprocessor(self.bundle.preprocess)
 
     # -- checks ------------------------------------------------------------------------
     def _check_io(self, where: str) -> None:

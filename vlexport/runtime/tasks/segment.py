@@ -35,12 +35,11 @@ import cv2
 import numpy as np
 
 from vlexport.errors import BundleError, UsageError
-from vlexport.runtime.backends import has_accelerator, open_part_backend, part_precisions, resolve_backend
 from vlexport.runtime.bundle import Bundle
 from vlexport.runtime.preprocess import check_image
 from vlexport.runtime.results import FrameStamp
 from vlexport.runtime.segmentation import Segmentation
-from vlexport.runtime.tasks.base import PartTask, choose_precision, now_ms
+from vlexport.runtime.tasks.base import PartTask, now_ms
 
 __all__ = ["SegmentTask", "window_grid", "stitch", "resize_short_side", "labels_from_logits"]
 
@@ -240,6 +239,7 @@ class SegmentTask(PartTask):
     """
 
     part_name = "segmenter"
+    input_name = CROPS_INPUT
 
     def __init__(
         self,
@@ -249,18 +249,22 @@ class SegmentTask(PartTask):
         threads: int | None = None,
         **overrides: Any,
     ):
-        # PartTask.__init__ assumes a letterboxed 'images' input; this part takes 'crops' from a
-        # short-side resize, so the loading steps are done here with the same helpers.
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.settings: dict[str, Any] = _settings(self.bundle, overrides)  # cheap checks first
-        self.part = self.bundle.part(self.part_name)
-        where = f"{self.bundle.root}: part {self.part_name!r}"
-        self.backend_name: str = resolve_backend(backend)
-        available = part_precisions(self.part, self.backend_name)
-        target = (self.bundle.manifest.get("calibration") or {}).get("target", "tensorrt")
-        if target == "cpu" and self.backend_name == "tensorrt":
-            available = [p for p in available if p != "int8"]
-        self.precision = choose_precision(available, precision, has_accelerator(self.backend_name), where, target)
+        self.classes: list[str] = self.bundle.classes
+        self._q2c = np.asarray(self.settings["query_to_class"], np.int64)
+        super().__init__(self.bundle, precision=precision, backend=backend, threads=threads)
+        self.timings: dict[str, float] = {}
+        self.last_windows = 0
+        self._threads = threads
+        try:
+            self._setup_pamr()
+        except BaseException:
+            self.backend.close()
+            raise
+
+    def _setup_preprocessing(self, where: str) -> None:
+        # Short-side resize and normalisation on 0-255 values (see _preprocess), not a letterbox.
         pre = self.bundle.preprocess
         color = str(pre.get("color", "RGB")).upper()
         if color not in ("RGB", "BGR"):
@@ -273,28 +277,6 @@ class SegmentTask(PartTask):
             raise BundleError(f"{where}: preprocess std must be non-zero, got {list(std)}")
         self._a = (scale / std).astype(np.float32).reshape(1, 1, 3)
         self._b = (-mean / std).astype(np.float32).reshape(1, 1, 3)
-        self.classes: list[str] = self.bundle.classes
-        self._q2c = np.asarray(self.settings["query_to_class"], np.int64)
-        self.backend, self.model_path = open_part_backend(
-            self.bundle, self.part_name, self.precision, self.backend_name, threads=threads
-        )
-        try:
-            self._check_io(where)
-        except BaseException:
-            self.backend.close()
-            raise
-        spec = self._input_spec(CROPS_INPUT)
-        self._max_batch: int | None = (
-            spec.shape[0] if isinstance(spec.shape[0], int) else getattr(self.backend, "max_batch", None)
-        )
-        self.timings: dict[str, float] = {}
-        self.last_windows = 0
-        self._threads = threads
-        try:
-            self._setup_pamr()
-        except BaseException:
-            self.backend.close()
-            raise
 
     def _check_io(self, where: str) -> None:
         declared = {s.name for s in self.part.io.inputs}
