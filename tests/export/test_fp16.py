@@ -1,7 +1,6 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vlexport.export.fp16 import convert_to_fp16

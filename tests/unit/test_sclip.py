@@ -9,7 +9,6 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vlexport.errors import UsageError  # noqa: E402
