@@ -138,6 +138,12 @@ def labels_from_logits(
         raise ValueError(f"labels_from_logits: {q} queries but query_to_class has shape {q2c.shape}")
     hwc = np.ascontiguousarray(logits.transpose(1, 2, 0), dtype=np.float32)  # [h, w, Q]
     chunk = int(min(max(_CHUNK_BYTES // max(H * W * 4, 1), 1), 512, q))
+    thresholded = prob_threshold > 0.0 and background_index is not None
+    if not thresholded and chunk == q:
+        # The softmax is monotonic and the temperature positive: without a probability threshold
+        # the label is the argmax of the resized logits, no exponentials needed.
+        full = hwc if (h, w) == (H, W) else cv2.resize(hwc, (W, H), interpolation=cv2.INTER_LINEAR)
+        return q2c[full.reshape(H, W, q).argmax(axis=2)].astype(np.int32)
     scale = np.float32(logit_scale)
     best = np.full((H, W), -np.inf, np.float32)
     arg = np.zeros((H, W), np.int64)
