@@ -149,6 +149,20 @@ def class_mapping(model_classes: Sequence[str], dataset_names: Sequence[str]) ->
     return mapping
 
 
+def evaluation_inputs(task: Any, dataset: Any, max_images: int | None, model: str, outputs: str) -> tuple[Any, list[str]]:
+    """The dataset limited to ``max_images`` and the task's class names, or a clear UsageError."""
+    if max_images is not None:
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+            raise UsageError(f"max_images must be a positive integer, got {max_images!r}")
+        dataset = dataset.subset(range(min(max_images, len(dataset))))
+    if len(dataset) == 0:
+        raise UsageError("the evaluation dataset has no images")
+    classes = list(getattr(task, "classes", None) or [])
+    if not classes:
+        raise UsageError(f"the {model} reports no class names, so its {outputs} cannot be matched to the dataset")
+    return dataset, classes
+
+
 def evaluate_detector(
     task: Any,
     dataset: DetectionDataset,
@@ -171,15 +185,7 @@ def evaluate_detector(
     drops can never count.
     """
     t0 = time.perf_counter()
-    if max_images is not None:
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise UsageError(f"max_images must be a positive integer, got {max_images!r}")
-        dataset = dataset.subset(range(min(max_images, len(dataset))))
-    if len(dataset) == 0:
-        raise UsageError("the evaluation dataset has no images")
-    classes = list(getattr(task, "classes", None) or [])
-    if not classes:
-        raise UsageError("the detector reports no class names, so its detections cannot be matched to the dataset")
+    dataset, classes = evaluation_inputs(task, dataset, max_images, "detector", "detections")
     mapping = class_mapping(classes, dataset.names)
     gt = to_coco_gt(dataset)
     predictions: list[dict[str, Any]] = []

@@ -375,16 +375,10 @@ def evaluate_segmenter(
     every scored pixel it covers. mIoU averages the scored classes that occur in the prediction
     or the ground truth.
     """
+    from vlexport.calibration.evaluate import evaluation_inputs
+
     t0 = time.perf_counter()
-    if max_images is not None:
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise UsageError(f"max_images must be a positive integer, got {max_images!r}")
-        dataset = dataset.subset(range(min(max_images, len(dataset))))
-    if len(dataset) == 0:
-        raise UsageError("the evaluation dataset has no images")
-    classes = list(getattr(task, "classes", None) or [])
-    if not classes:
-        raise UsageError("the segmenter reports no class names, so its labels cannot be matched to the dataset")
+    dataset, classes = evaluation_inputs(task, dataset, max_images, "segmenter", "labels")
     mapping = segmentation_class_mapping(classes, dataset.names, class_map)
     if not mapping:
         raise UsageError(
