@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
+from conftest import _sha  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from vlexport.errors import BundleError, UsageError  # noqa: E402
@@ -55,10 +55,6 @@ def make_segmenter(path: Path, batch: int | str = "crops", crop: int = CROP) -> 
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
-
-
-def _sha(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_seg_bundle(root: Path, *, batch: int | str = "crops", segment: dict[str, Any] | None = None,

@@ -135,16 +135,9 @@ class PartTask:
         ``finish(outputs, letterbox_infos, stamps)`` turns one batch's outputs into results;
         :attr:`timings` gets the milliseconds spent per stage.
         """
-        if isinstance(images, np.ndarray):
-            raise UsageError(f"{what}: expected a list of HxWx3 uint8 arrays, got a single array")
-        images = list(images)
+        images, stamps = self._validated_frames(images, stamps, what)
         if not images:
             return []
-        for i, img in enumerate(images):
-            check_image(img, what=f"image {i}")
-        stamps = list(stamps) if stamps is not None else [None] * len(images)
-        if len(stamps) != len(images):
-            raise UsageError(f"{what}: got {len(stamps)} stamps for {len(images)} images")
         times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
         results: list[Any] = []
         for chunk in self._chunks(len(images)):
@@ -159,6 +152,20 @@ class PartTask:
             times["postprocess"] += now_ms() - t2
         self.timings = times
         return results
+
+    @staticmethod
+    def _validated_frames(images: Sequence[np.ndarray], stamps: Sequence[Any] | None,
+                          what: str) -> tuple[list[np.ndarray], list[Any]]:
+        """Frames as a list of checked HxWx3 uint8 arrays, and one stamp (or None) per frame."""
+        if isinstance(images, np.ndarray):
+            raise UsageError(f"{what}: expected a list of HxWx3 uint8 arrays, got a single array")
+        images = list(images)
+        for i, img in enumerate(images):
+            check_image(img, what=f"image {i}")
+        stamps = list(stamps) if stamps is not None else [None] * len(images)
+        if len(stamps) != len(images):
+            raise UsageError(f"{what}: got {len(stamps)} stamps for {len(images)} images")
+        return images, stamps
 
     def _chunks(self, n: int) -> list[slice]:
         step = n if self._max_batch is None else self._max_batch

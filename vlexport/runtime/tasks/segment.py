@@ -315,14 +315,7 @@ class SegmentTask(PartTask):
         self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None
     ) -> list[Segmentation]:
         """Segment several frames, one after the other (each frame's crops form the graph batches)."""
-        if isinstance(images, np.ndarray):
-            raise UsageError("segment_batch: expected a list of HxWx3 uint8 arrays, got a single array")
-        images = list(images)
-        for i, img in enumerate(images):
-            check_image(img, what=f"image {i}")
-        stamps = list(stamps) if stamps is not None else [None] * len(images)
-        if len(stamps) != len(images):
-            raise UsageError(f"segment_batch: got {len(stamps)} stamps for {len(images)} images")
+        images, stamps = self._validated_frames(images, stamps, "segment_batch")
         times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
         out: list[Segmentation] = []
         for img, stamp in zip(images, stamps):
