@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from vlexport import __version__
-from vlexport.errors import DependencyError, VlexportError
+from vlexport.errors import DependencyError, UsageError, VlexportError
 
 log = logging.getLogger("vlexport")
 
@@ -261,6 +261,48 @@ def sclip_cmd(**kw) -> None:
     _print_export_report(report)
 
 
+# --------------------------------------------------------------------------- export: captioner
+@cli.command("captioner")
+@click.option("--preset", default="vitb32-gpt2", show_default=True, help="tiny, vitb32-gpt2 (CLIP ViT-B/32 + GPT-2 small).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Trained captioner (from `vlexport train-captioner`).")
+@click.option("--clip-model", help="open_clip vision tower (default: the preset's).")
+@click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai).")
+@click.option("--gpt2", "gpt2_weights", help='GPT-2 weights: a hub name found in the local Hugging Face cache ("gpt2"), a folder or a file.')
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="Folder with GPT-2's vocab.json + merges.txt (or encoder.json + vocab.bpe) [default: the HF cache's gpt2].")
+@click.option("--max-length", default=30, show_default=True, type=int, help="Most tokens per caption.")
+@click.option("--method", default="greedy", show_default=True, type=click.Choice(["greedy", "beam"]), help="Default decoding.")
+@click.option("--num-beams", default=3, show_default=True, type=int)
+@click.option("--length-penalty", default=1.0, show_default=True, type=float)
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--parity-steps", default=20, show_default=True, type=int, help="Cached decode steps compared with PyTorch.")
+@click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/captioner-PRESET].")
+@click.option("--overwrite", is_flag=True)
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21))
+@precision_options
+def captioner_cmd(**kw) -> None:
+    """Export the captioner: part `encoder` (image → prefix tokens + regions) and part `decoder`
+    (one GPT-2 step with an explicit KV cache), with the tokenizer.
+
+    \b
+    Examples:
+      vlexport captioner --gpt2 gpt2 --fp16                     # real sizes, weights from the HF cache
+      vlexport train-captioner --data coco128/data.yaml --limit 4 --preset tiny --out cap.pt
+      vlexport captioner --checkpoint cap.pt --tokenizer assets/tokenizers/gpt2 --out bundles/cap
+    """
+    _require_export_extra()
+    from vlexport.export.captioner import CaptionerExportOptions, export_captioner
+
+    kw["parity_source"] = kw.pop("val")
+    precision = _precision(kw)
+    precision.check()
+    out = kw.pop("out") or Path("bundles") / f"captioner-{kw['preset'] if not kw.get('checkpoint') else 'trained'}"
+    tokenizer = kw.pop("tokenizer")
+    report = export_captioner(CaptionerExportOptions(out=out, precision=precision,
+                                                     tokenizer=str(tokenizer) if tokenizer else None, **kw))
+    _print_export_report(report)
+
+
 # --------------------------------------------------------------------------- training
 @cli.command("train-kdeov")
 @click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of training images.")
@@ -288,6 +330,41 @@ def train_kdeov_cmd(images: Path, out: Path, preset: str, backbone_weights: Path
                                     trust_checkpoint=trust_checkpoint, steps=steps, batch_size=batch_size,
                                     lr=lr, image_size=imgsz)
     click.secho(f"checkpoint written: {out}  (loss {history[0]:.4f} → {history[-1]:.4f} over {len(history)} steps)", fg="green")
+
+
+@cli.command("train-captioner")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="A JSONL of {image, caption, boxes} or a YOLO dataset (captions written from its labels).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint to write (.pt, tensors only).")
+@click.option("--preset", default="tiny", show_default=True, help="tiny or vitb32-gpt2.")
+@click.option("--gpt2", "gpt2_weights", help="Start GPT-2 from these weights (hub name in the HF cache, folder or file).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="GPT-2 tokenizer folder [default: the HF cache's gpt2].")
+@click.option("--limit", type=click.IntRange(1), help="Use only the first N samples.")
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--no-boxes", is_flag=True, help="Train the language model only (ignore box targets).")
+def train_captioner_cmd(data: Path, out: Path, preset: str, gpt2_weights: str | None, tokenizer: Path | None,
+                        limit: int | None, steps: int, batch_size: int, lr: float, no_boxes: bool) -> None:
+    """Train the captioner (AdamW, CPU is fine) and write a checkpoint for `vlexport captioner`.
+
+    \b
+    Example:
+      vlexport train-captioner --data coco128/data.yaml --limit 4 --preset tiny --steps 300 \\
+          --tokenizer assets/tokenizers/gpt2 --out cap.pt
+    """
+    _require_export_extra()
+    from vlexport.export.captioner import resolve_tokenizer
+    from vlexport.models.caption_train import load_caption_data, train_captioner
+    from vlexport.models.captioner import build_captioner, save_captioner
+
+    tok = resolve_tokenizer(str(tokenizer) if tokenizer else None)[0]
+    samples = load_caption_data(data, limit=limit)
+    model = build_captioner(preset, **({"gpt2_weights": gpt2_weights} if gpt2_weights else {}))
+    losses = train_captioner(model, samples, tok, steps=steps, lr=lr, batch_size=batch_size, use_boxes=not no_boxes)
+    save_captioner(model, out)
+    click.secho(f"checkpoint written: {out}  (loss {losses[0]:.4f} → {losses[-1]:.4f} over {len(losses)} steps, "
+                f"{len(samples)} images)", fg="green")
 
 
 # --------------------------------------------------------------------------- inspect
@@ -388,25 +465,57 @@ def validate_cmd(bundle: Path, data: str, precisions: tuple[str, ...], max_image
 @click.option("--score-threshold", type=float, help="Override the bundle's score threshold.")
 @click.option("--iou-threshold", type=float, help="Override the bundle's NMS IoU threshold.")
 @click.option("--max-detections", type=int, help="Override the bundle's maximum detections per frame.")
+@click.option("--caption", "caption_bundle", type=click.Path(path_type=Path),
+              help="A captioner bundle to run beside BUNDLE in the background (captions in the JSONL and the overlay).")
+@click.option("--caption-every", default=2.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds between captions (acquisition time).")
+@click.option("--caption-every-frames", type=click.IntRange(1), help="Caption every K frames instead of by time.")
+@click.option("--max-length", type=click.IntRange(min=None), help="Override the captioner's maximum caption length.")
+@click.option("--max-frames", type=click.IntRange(1), help="Stop after this many frames.")
 @click.option("--show", is_flag=True, help="Show the annotated frames in a window.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def run_cmd(bundle: Path, source: str, save: Path | None, jsonl: Path | None, precision: str | None,
             backend: str | None, threads: int | None, score_threshold: float | None, iou_threshold: float | None,
-            max_detections: int | None, show: bool, no_progress: bool) -> None:
+            max_detections: int | None, caption_bundle: Path | None, caption_every: float,
+            caption_every_frames: int | None, max_length: int | None, max_frames: int | None, show: bool,
+            no_progress: bool) -> None:
     """Run a bundle on images or video; write an annotated video and/or JSONL.
+
+    A captioner bundle (as BUNDLE or with --caption) captions in the background every
+    --caption-every seconds without holding up the stream.
 
     \b
     Examples:
       vlexport run bundles/kdeov-yolov8n-vitb32 --source bus.jpg --save bus_annotated.jpg
       vlexport run bundles/kdeov-yolov8n-vitb32 --source traffic.mp4 --save out.mp4 --jsonl out.jsonl
+      vlexport run bundles/yolo-yolov8n --source traffic.mp4 --caption bundles/cap --caption-every 2 --save out.mp4
+      vlexport run bundles/cap --source photos/ --jsonl captions.jsonl
     """
     from vlexport import runtime
     from vlexport.runtime.video import run_on_source
 
     overrides = {k: v for k, v in {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
                                    "max_detections": max_detections}.items() if v is not None}
-    task = runtime.load(bundle, precision=precision, backend=backend, threads=threads, **overrides)
-    stats = run_on_source(task, source, save=save, jsonl=jsonl, progress=not no_progress, show=show)
+    caption_overrides = {"max_length": max_length} if max_length is not None else {}
+    main_bundle = runtime.Bundle.open(bundle)
+    if main_bundle.task == "caption":
+        overrides, caption_overrides = {**overrides, **caption_overrides}, {}
+    elif caption_overrides and caption_bundle is None:
+        raise UsageError("--max-length applies to captioning: give a captioner bundle (as BUNDLE or --caption)")
+    task = runtime.load(main_bundle, precision=precision, backend=backend, threads=threads, **overrides)
+    captioner = None
+    try:
+        if caption_bundle is not None:
+            captioner = runtime.load(caption_bundle, threads=threads, **caption_overrides)
+            if captioner.bundle.task != "caption":
+                raise UsageError(f"--caption {caption_bundle} is a {captioner.bundle.task} bundle, not a captioner")
+        stats = run_on_source(task, source, save=save, jsonl=jsonl, progress=not no_progress, show=show,
+                              max_frames=max_frames, caption=captioner, caption_every_s=caption_every,
+                              caption_every_frames=caption_every_frames)
+    finally:
+        task.close()
+        if captioner is not None:
+            captioner.close()
     click.echo(stats.summary())
 
 

@@ -174,8 +174,8 @@ def test_load_task_choice(tmp_path: Path, bus: np.ndarray) -> None:
     assert len(task.embed_batch([bus, bus])) == 2
     with pytest.raises(UsageError, match="takes no options"):
         vr.load(root, task="embed", score_threshold=0.3)
-    with pytest.raises(UsageError, match="no task .caption."):
-        vr.load(root, task="caption")
+    with pytest.raises(BundleError, match="no 'caption' settings"):
+        vr.load(root, task="caption")  # a detection bundle is not a captioning one
     with pytest.raises(BundleError, match="no .segment. settings"):
         vr.load(root, task="segment")  # a detection bundle is not a segmentation one
     only_embed = write_bundle(tmp_path / "e", task="embed")

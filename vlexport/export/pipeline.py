@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,13 @@ class ExportPlan:
     # pre-processing of ``preprocess``); families with another input (SCLIP's crops) set it.
     frame_to_tensor: Callable[[np.ndarray], torch.Tensor] | None = None
     extra_manifest: dict[str, Any] = field(default_factory=dict)  # family sections, e.g. "segment"
+    # Files copied into the bundle as they are (bundle-relative name -> source), e.g. a tokenizer.
+    extra_files: dict[str, Path] = field(default_factory=dict)
+    # Family checks run on the written graphs after the per-part parity (e.g. a whole decode loop):
+    # ``check(files)`` with files = {part: {precision: path}} returns (name, figures, violations);
+    # figures go to ``validation[name]`` and any violation stops the export like a parity failure.
+    checks: list[Callable[[dict[str, dict[str, Path]]], tuple[str, dict[str, Any], list[str]]]] = field(
+        default_factory=list)
 
 
 @dataclass
@@ -126,6 +134,8 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
     if prec.int8:
         calib = _calibration_set(plan, prec)
     with BundleWriter(out, overwrite=overwrite) as writer:
+        for rel, src in plan.extra_files.items():
+            shutil.copyfile(src, writer.path(rel))
         for part in plan.parts:
             batches = _batches(part, plan.parity_images)
             reference = torch_outputs(part, batches)
@@ -163,6 +173,14 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 parity[f"{part.name}/{p}"] = {k: v.to_dict() for k, v in res.items()}
                 problems += bad
             parts_manifest[part.name] = {**part.io.to_dict(), "files": files, "engines": {}}
+        written = {name: {p: writer.path(rel) for p, rel in entry["files"].items()}
+                   for name, entry in parts_manifest.items()}
+        family_checks: dict[str, Any] = {}
+        if not problems:
+            for check in plan.checks:
+                name, figures, bad = check(written)
+                family_checks[name] = figures
+                problems += bad
         if problems:
             raise ExportError(
                 "the export does not match PyTorch, so no bundle was written: " + "; ".join(problems)
@@ -187,7 +205,8 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
             "parts": parts_manifest,
             "postprocess": plan.postprocess,
             "validation": {"parity": parity, "parity_images": {"source": plan.parity_source,
-                                                               "count": int(plan.parity_images.shape[0])}},
+                                                               "count": int(plan.parity_images.shape[0])},
+                           **family_checks},
             "warnings": plan.warnings,
         }
         if "fp16" in extra:

@@ -89,3 +89,58 @@ register_family(Family(
     presets=_kdeov_presets, build=_build_kdeov,
     description="YOLO student distilled from CLIP; open-vocabulary detection with frozen text embeddings",
 ))
+
+
+def _captioner_presets() -> list[str]:
+    from vlexport.models.captioner import CAPTIONER_PRESETS
+
+    return list(CAPTIONER_PRESETS)
+
+
+def _build_captioner(preset: str, **kwargs: Any) -> nn.Module:
+    from vlexport.models.captioner import build_captioner
+
+    return build_captioner(preset, **kwargs)
+
+
+register_family(Family(
+    name="captioner", task="caption", parts=("encoder", "decoder"),
+    presets=_captioner_presets, build=_build_captioner,
+    description="multi-scale CLIP encoder with deformable attention feeding a GPT-2 decoder (KV-cache export)",
+))
+
+
+def _detr_presets() -> list[str]:
+    from vlexport.models.detr import DETR_PRESETS
+
+    return list(DETR_PRESETS)
+
+
+def _build_detr(preset: str, **kwargs: Any) -> nn.Module:
+    from vlexport.models.detr import build_detr
+
+    return build_detr(preset, **kwargs)
+
+
+register_family(Family(
+    name="detr", task="detect", parts=("detector",), presets=_detr_presets, build=_build_detr,
+    description="DETR (ResNet + transformer, set prediction; masks with the segmentation head)",
+))
+
+
+def _multiscale_presets() -> list[str]:
+    from vlexport.models.multiscale import MULTISCALE_PRESETS
+
+    return list(MULTISCALE_PRESETS)
+
+
+def _build_multiscale(preset: str, **kwargs: Any) -> nn.Module:
+    from vlexport.models.multiscale import build_multiscale
+
+    return build_multiscale(preset, **kwargs)
+
+
+register_family(Family(
+    name="multiscale", task="segment", parts=("segmenter",), presets=_multiscale_presets, build=_build_multiscale,
+    description="shared backbone at 0.5x/1x/1.5x with attention-based (or hierarchical) scale fusion; binary masks",
+))

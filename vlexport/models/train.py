@@ -2,7 +2,8 @@
 
 The student's pooled image embedding is pulled towards the teacher's embedding of the same
 image (:class:`~vlexport.models.losses.FeatureAlignmentLoss`), optionally also aligned with the
-text features of the batch's captions.
+text features of the batch's captions, and optionally regularised by DINO self-distillation
+against an EMA copy of itself (:class:`~vlexport.models.dino.DINODistillation`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vlexport.calibration.readers import IMAGE_EXTENSIONS
 from vlexport.errors import SourceError, UsageError
+from vlexport.models.dino import DINODistillation
 from vlexport.models.kdeov import KDEOVModel, save_kdeov_checkpoint
 from vlexport.models.losses import FeatureAlignmentLoss
 from vlexport.runtime.preprocess import letterbox
@@ -122,6 +124,7 @@ def train_feature_alignment(
     log_every: int = 1,
     progress: bool = True,
     loss_fn: FeatureAlignmentLoss | None = None,
+    dino: DINODistillation | None = None,
 ) -> list[float]:
     """Distil a frozen CLIP image tower into the student's image embedding.
 
@@ -141,6 +144,9 @@ def train_feature_alignment(
         checkpoint_out: where to save the trained student (``vlexport.kdeov/1``), if given.
         log_every: progress-bar postfix update period, in steps.
         progress: show a tqdm progress bar.
+        dino: optional DINO self-distillation: its loss, times ``dino.weight``, is added to the
+            total; its student head is trained with the model and its EMA teacher is updated
+            after every optimiser step. It is a training aid only: not saved in the checkpoint.
 
     Returns:
         the loss of every step.
@@ -161,6 +167,9 @@ def train_feature_alignment(
     teacher.to(device).eval()
     loss_fn = loss_fn or FeatureAlignmentLoss()
     params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("text_encoder.")]
+    if dino is not None:
+        dino.to(device).train()
+        params += dino.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     history: list[float] = []
@@ -176,6 +185,10 @@ def train_feature_alignment(
             if text is not None:
                 text = text.to(device)
             loss, parts = loss_fn(student, target, text, model.logit_scale.exp())
+            if dino is not None:
+                dino_loss = dino(model, images)
+                loss = loss + dino.weight * dino_loss
+                parts = {**parts, "dino": dino_loss.detach(), "total": loss.detach()}
             if not torch.isfinite(loss):
                 raise UsageError(f"training diverged at step {step + 1} (loss {loss.item()}); lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
@@ -183,6 +196,8 @@ def train_feature_alignment(
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0.0, _MAX_LOGIT_SCALE)
+            if dino is not None:
+                dino.update_teacher(model, step, int(steps))
             history.append(float(loss.item()))
             bar.update(1)
             if (step + 1) % int(log_every) == 0 or step + 1 == steps:
@@ -190,11 +205,14 @@ def train_feature_alignment(
     finally:
         bar.close()
         model.eval()
+        if dino is not None:
+            dino.eval()
 
     if checkpoint_out is not None:
-        save_kdeov_checkpoint(
-            model, checkpoint_out, extra={"steps": int(steps), "lr": float(lr), "loss_history": history}
-        )
+        extra = {"steps": int(steps), "lr": float(lr), "loss_history": history}
+        if dino is not None:
+            extra["dino_weight"] = dino.weight
+        save_kdeov_checkpoint(model, checkpoint_out, extra=extra)
         logger.info("saved KDEOV checkpoint to %s", checkpoint_out)
     return history
 
@@ -222,16 +240,20 @@ def train_kdeov_on_folder(
     lr: float = 1e-3,
     image_size: int | None = None,
     seed: int = 0,
+    dino_weight: float = 0.0,
 ) -> list[float]:
     """Build the preset's student and CLIP teacher, distil on a folder of images, save ``out``.
 
     The one-call path behind ``vlexport train-kdeov``; returns the per-step loss history.
+    ``dino_weight > 0`` adds DINO self-distillation with that weight (default heads and views).
     """
     import dataclasses
 
     from vlexport.models.clip_towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
     from vlexport.models.kdeov import KDEOV_PRESETS, build_kdeov
 
+    if dino_weight < 0:
+        raise UsageError(f"dino_weight must be >= 0, got {dino_weight}")
     if preset not in KDEOV_PRESETS:
         raise UsageError(f"unknown kdeov preset {preset!r}; choose one of {', '.join(KDEOV_PRESETS)}")
     config = KDEOV_PRESETS[preset]
@@ -247,4 +269,5 @@ def train_kdeov_on_folder(
                         text_encoder=text)
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
                                          drop_last=True, generator=torch.Generator().manual_seed(seed))
-    return train_feature_alignment(model, loader, teacher, steps=steps, lr=lr, checkpoint_out=out)
+    dino = DINODistillation(model, weight=dino_weight) if dino_weight > 0 else None
+    return train_feature_alignment(model, loader, teacher, steps=steps, lr=lr, checkpoint_out=out, dino=dino)

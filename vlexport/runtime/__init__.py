@@ -14,9 +14,9 @@ import os
 from typing import Any
 
 from vlexport.runtime.bundle import Bundle
-from vlexport.runtime.results import Detections, Embedding, FrameStamp
+from vlexport.runtime.results import Caption, Detections, Embedding, FrameStamp
 
-__all__ = ["Bundle", "Detections", "Embedding", "FrameStamp", "load"]
+__all__ = ["Bundle", "Caption", "Detections", "Embedding", "FrameStamp", "load"]
 
 
 def load(
@@ -27,18 +27,19 @@ def load(
     threads: int | None = None,
     **overrides: Any,
 ) -> Any:
-    """Open a bundle and return its task object (``DetectTask`` or ``EmbedTask``).
+    """Open a bundle and return its task object (``DetectTask``, ``EmbedTask``, ``SegmentTask`` or ``CaptionTask``).
 
     ``task`` defaults to the manifest's; ``task="embed"`` runs the ``image_encoder`` part of a
     detect bundle. ``precision`` (fp32/fp16/int8) defaults to the best the device runs;
-    ``overrides`` are task options such as ``score_threshold`` (detect only).
+    ``overrides`` are task options: ``score_threshold`` … (detect), ``prob_threshold``,
+    ``logit_scale`` (segment), ``max_length``, ``method``, ``num_beams``, ``use_cache`` … (caption).
     """
     from vlexport.errors import UsageError
     from vlexport.runtime.tasks import task_class
 
     bundle = bundle_path if isinstance(bundle_path, Bundle) else Bundle.open(bundle_path)
     name = task if task is not None else bundle.task
-    cls = task_class(name)
-    if name not in ("detect", "segment") and overrides:
+    cls = task_class(name, bundle.family)
+    if name not in ("detect", "segment", "caption") and overrides:
         raise UsageError(f"task {name!r} takes no options {sorted(overrides)}")
     return cls(bundle, precision=precision, backend=backend, threads=threads, **overrides)

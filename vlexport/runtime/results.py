@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FrameStamp", "Detections", "Embedding"]
+__all__ = ["FrameStamp", "Detections", "Embedding", "Caption"]
 
 _DECIMALS = 2  # JSON pixel coordinates: centi-pixels are plenty
 _SCORE_DECIMALS = 4
@@ -113,4 +113,88 @@ class Embedding:
     def to_dict(self, decimals: int = 6) -> dict[str, Any]:
         out: dict[str, Any] = self.stamp.to_dict() if self.stamp is not None else {}
         out["embedding"] = np.round(self.vector.astype(np.float64), decimals).tolist()
+        return out
+
+
+@dataclass
+class Caption:
+    """A generated caption for one frame, with the encoder's region predictions when it makes them.
+
+    ``token_ids`` are the generated GPT-2 ids (no end-of-sequence token); ``score`` the decoder's
+    log-probability score (see :mod:`vlexport.runtime.decoding`). The optional regions are ``boxes``
+    ``[K, 4]`` xyxy in source pixels, ``objectness`` ``[K]`` probabilities, ``class_ids`` ``[K]`` and
+    their ``labels`` (class ids and labels may be None when the model has no region classes).
+    """
+
+    text: str
+    token_ids: list[int]
+    score: float = 0.0
+    stamp: FrameStamp | None = None
+    boxes: np.ndarray | None = None
+    objectness: np.ndarray | None = None
+    class_ids: np.ndarray | None = None
+    labels: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise ValueError(f"text: got {type(self.text).__name__}, expected str")
+        ids = np.asarray(self.token_ids)
+        if ids.size and (ids.ndim != 1 or ids.dtype.kind not in "iu"):
+            raise ValueError(f"token_ids: got shape {tuple(ids.shape)} dtype {ids.dtype}, expected a list of ints")
+        self.token_ids = [int(i) for i in ids.reshape(-1)]
+        self.score = float(self.score)
+        if self.stamp is not None and not isinstance(self.stamp, FrameStamp):
+            raise ValueError(f"stamp: got {type(self.stamp).__name__}, expected FrameStamp or None")
+        if (self.boxes is None) != (self.objectness is None):
+            raise ValueError("boxes and objectness come together: give both or neither")
+        if self.boxes is None:
+            if self.class_ids is not None or self.labels is not None:
+                raise ValueError("class_ids and labels need boxes")
+            return
+        self.boxes = _as_array("boxes", self.boxes, np.float32, "[K, 4]")
+        if self.boxes.size == 0:
+            self.boxes = self.boxes.reshape(0, 4)
+        if self.boxes.ndim != 2 or self.boxes.shape[1] != 4:
+            raise ValueError(f"boxes: got shape {tuple(self.boxes.shape)}, expected (K, 4)")
+        k = self.boxes.shape[0]
+        self.objectness = _as_array("objectness", self.objectness, np.float32, "[K]")
+        if self.objectness.shape != (k,):
+            raise ValueError(f"objectness: got shape {tuple(self.objectness.shape)}, expected ({k},)")
+        if self.class_ids is not None:
+            cls = np.asarray(self.class_ids)
+            if cls.size and cls.dtype.kind not in "iu":
+                raise ValueError(f"class_ids: got dtype {cls.dtype}, expected an integer array")
+            self.class_ids = np.ascontiguousarray(cls, dtype=np.int64)
+            if self.class_ids.shape != (k,):
+                raise ValueError(f"class_ids: got shape {tuple(self.class_ids.shape)}, expected ({k},)")
+        if self.labels is not None:
+            self.labels = [str(x) for x in self.labels]
+            if len(self.labels) != k:
+                raise ValueError(f"labels: got {len(self.labels)} labels, expected {k}")
+
+    def regions(self) -> list[dict[str, Any]]:
+        """One JSON-safe dict per region: box (rounded), objectness, and class_id/label when known."""
+        if self.boxes is None or self.objectness is None:
+            return []
+        boxes = np.round(self.boxes.astype(np.float64), _DECIMALS).tolist()
+        obj = np.round(self.objectness.astype(np.float64), _SCORE_DECIMALS).tolist()
+        out: list[dict[str, Any]] = []
+        for i, (b, o) in enumerate(zip(boxes, obj)):
+            r: dict[str, Any] = {"box": b, "objectness": o}
+            if self.class_ids is not None:
+                r["class_id"] = int(self.class_ids[i])
+            if self.labels is not None:
+                r["label"] = self.labels[i]
+            out.append(r)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: the stamp's fields (when there is one), ``caption``, ``token_ids``,
+        ``score`` and, when the model predicts them, ``regions``."""
+        out: dict[str, Any] = self.stamp.to_dict() if self.stamp is not None else {}
+        out["caption"] = self.text
+        out["token_ids"] = list(self.token_ids)
+        out["score"] = round(self.score, _SCORE_DECIMALS) if np.isfinite(self.score) else None
+        if self.boxes is not None:
+            out["regions"] = self.regions()
         return out

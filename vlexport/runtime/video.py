@@ -443,7 +443,12 @@ _STAMP_KEYS = ("frame", "t_monotonic", "t_wall")
 
 
 def _task_adapter(task: Any) -> tuple[Callable, Callable, Callable[[Any], dict[str, Any]]]:
-    """(run one frame, draw its result, its JSONL fields) for a detect or a segment task."""
+    """(run one frame, draw its result, its JSONL fields) for a detect or a segment task.
+
+    A caption task has no per-frame result: it runs in the background (see ``run_on_source``).
+    """
+    if callable(getattr(task, "caption", None)):
+        return (lambda image, stamp: None), (lambda image, result: image), (lambda result: {})
     if callable(getattr(task, "detect", None)):
         from vlexport.runtime.draw import draw_detections
 
@@ -466,6 +471,9 @@ def run_on_source(
     show: bool = False,
     max_frames: int | None = None,
     on_result: Callable[[Frame, Any], None] | None = None,
+    caption: Any = None,
+    caption_every_s: float | None = 2.0,
+    caption_every_frames: int | None = None,
 ) -> RunStats:
     """Run a detect or segment task over every frame of ``source``; returns :class:`RunStats`.
 
@@ -476,8 +484,23 @@ def run_on_source(
     written. On KeyboardInterrupt the loop stops reading, closes the outputs so that they are
     complete (the frames done so far), and re-raises with the stats attached as ``.stats``; on any
     other error the outputs are discarded.
+
+    Captioning (``task`` itself a caption task, or ``caption=`` one beside a detect/segment task)
+    runs on a background thread every ``caption_every_s`` seconds of acquisition time (or every
+    ``caption_every_frames`` frames) without holding the stream up: each caption goes into the
+    JSONL record of the frame during which it finished, as ``caption`` with the ``frame`` index it
+    was computed on, and the latest caption is drawn on every following frame.
     """
+    if callable(getattr(task, "caption", None)):
+        caption = task
     infer, draw, record_of = _task_adapter(task)
+    background = None
+    if caption is not None:
+        from vlexport.runtime.schedule import BackgroundTask
+
+        background = BackgroundTask(caption.caption, every_s=None if caption_every_frames else caption_every_s,
+                                    every_frames=caption_every_frames, name="caption")
+    latest_caption = None
     if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
         raise UsageError(f"max_frames must be a positive integer, got {max_frames!r}")
     if show:
@@ -510,15 +533,31 @@ def run_on_source(
         t_start = time.perf_counter()
         try:
             for frame in src:
+                new_caption = None
+                if background is not None:
+                    background.offer(frame.index, frame.image, frame.stamp.t_monotonic, frame.stamp)
                 dets = infer(frame.image, frame.stamp)
                 for stage in _STAGES:
-                    if stage in task.timings:
+                    if task is not caption and stage in task.timings:
                         samples[stage].append(float(task.timings[stage]))
+                if background is not None:
+                    if task is caption and background.busy:
+                        background.wait()  # a caption-only run on a file: nothing else to overlap with
+                    done = background.poll()
+                    if done is not None:
+                        new_caption = latest_caption = done.result
                 annotated = draw(frame.image, dets) if (frame_sink is not None or show) else frame.image
+                if latest_caption is not None and (frame_sink is not None or show):
+                    from vlexport.runtime.draw import draw_caption
+
+                    annotated = draw_caption(annotated, latest_caption)
                 if frame_sink is not None:
                     frame_sink.write(annotated)
                 if jsonl_sink is not None:
                     record = {**frame.stamp.to_dict(), "source": frame.source, **record_of(dets)}
+                    if new_caption is not None:
+                        fields = new_caption.to_dict()  # its stamp says which frame it was computed on
+                        record["caption"] = {"text": fields.pop("caption"), **fields}
                     jsonl_sink.write(record)
                 stats.frames += 1
                 if bar is not None:
@@ -549,6 +588,8 @@ def run_on_source(
         for sink in sinks:
             sink.close()
     finally:
+        if background is not None:
+            background.close()
         if bar is not None:
             bar.close()
         if window is not None:

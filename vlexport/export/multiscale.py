@@ -1,0 +1,213 @@
+"""The `multiscale` family: the multi-scale binary segmenter → part `segmenter`.
+
+One graph, ``images [1, 3, S, S] → logits [1, 1, S, S]``, holds everything: the resizes to every
+scale, the shared ResNet run on each, the per-level fusion (ABSI or hierarchical), the FPN
+decoder and the head. The graph is for one fixed input size ``S`` (the preset's
+``image_size`` or ``--imgsz``).
+
+Pre-processing (the manifest's ``preprocess``, run by the torch-free runtime):
+letterbox the BGR frame into ``S x S`` (aspect ratio kept, grey 114 padding), BGR → RGB,
+``(x / 255 − mean) / std`` with ImageNet's mean and std (what a torchvision ResNet expects).
+The letterbox keeps the geometry, so the runtime maps the logits back exactly: it crops the
+padded border away and resizes the image region to the source size (see
+:mod:`vlexport.runtime.tasks.binary_segment`). The sigmoid and the threshold are applied by the
+runtime too (``segment.threshold``), so they can change without a re-export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlexport.errors import CheckpointError, UsageError
+from vlexport.export.part import OutputTolerance, Part
+from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.samples import parity_batch
+from vlexport.runtime.bundle import sha256_file
+from vlexport.runtime.spec import PartIO, TensorSpec
+
+log = logging.getLogger("vlexport")
+
+__all__ = ["MultiScaleExportOptions", "multiscale_preprocess", "load_segmenter_state", "build_plan",
+           "export_multiscale", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD_VALUE = 114  # close to ImageNet's mean grey: the padding normalises to about zero
+_SHOWN = 4  # keys named per kind of mismatch in a checkpoint error (the rest are counted)
+
+
+@dataclass
+class MultiScaleExportOptions:
+    """Every knob of `vlexport multiscale`; ``None`` means the preset's value."""
+
+    out: Path
+    preset: str = "r50"
+    fusion: str = "absi"
+    checkpoint: Path | None = None  # a state dict of the whole segmenter (tensors only)
+    backbone_weights: Path | None = None  # a torchvision ResNet state dict, for an untrained head
+    imgsz: int | None = None
+    class_name: str = "object"
+    threshold: float = 0.5
+    parity_source: str | None = None
+    parity_count: int = 2
+    opset: int = 17
+    overwrite: bool = False
+    precision: PrecisionOptions | None = None
+
+
+def multiscale_preprocess(size: int) -> dict[str, Any]:
+    """The manifest's pre-processing: letterbox to ``size x size``, RGB, ImageNet mean/std."""
+    return {"size": [size, size], "resize": "letterbox", "pad_value": PAD_VALUE, "color": "RGB",
+            "scale": 1.0 / 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def _check_options(opts: MultiScaleExportOptions) -> None:
+    from vlexport.models.multiscale import FUSION_MODES, MULTISCALE_PRESETS
+
+    if opts.preset not in MULTISCALE_PRESETS:
+        raise UsageError(f"unknown multiscale preset {opts.preset!r}; choose one of {', '.join(MULTISCALE_PRESETS)}")
+    if opts.fusion not in FUSION_MODES:
+        raise UsageError(f"unknown --fusion {opts.fusion!r}; choose one of {', '.join(FUSION_MODES)}")
+    if opts.imgsz is not None and (isinstance(opts.imgsz, bool) or not isinstance(opts.imgsz, int)
+                                   or opts.imgsz < 32 or opts.imgsz % 32):
+        raise UsageError(f"--imgsz must be a multiple of 32 and at least 32, got {opts.imgsz}")
+    if not 0.0 < float(opts.threshold) < 1.0:
+        raise UsageError(f"--threshold is a probability strictly between 0 and 1, got {opts.threshold}")
+    name = (opts.class_name or "").strip()
+    if not name or name == "background":
+        raise UsageError(f"--class-name must name the foreground (not empty, not 'background'), got {opts.class_name!r}")
+    if opts.parity_count < 1:
+        raise UsageError(f"the parity check needs at least 1 image, got {opts.parity_count}")
+    if opts.checkpoint is not None and opts.backbone_weights is not None:
+        raise UsageError("--backbone-weights starts an untrained segmenter from a ResNet; a --checkpoint already "
+                         "holds the whole model (backbone included): pass one of them")
+    for p, flag in ((opts.checkpoint, "--checkpoint"), (opts.backbone_weights, "--backbone-weights")):
+        if p is not None and not Path(p).is_file():
+            raise UsageError(f"{flag} {p}: no such file")
+    prec = opts.precision
+    if prec is not None and prec.int8 and prec.val:
+        from vlexport.calibration.datasets import dataset_kind
+
+        if dataset_kind(prec.val) is not None:
+            raise UsageError(f"--val {prec.val} is a labelled detection dataset, but the INT8 accuracy gate measures "
+                             "detection mAP and this is a segmenter: pass --val an image folder (parity only)")
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f", … ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+def load_segmenter_state(model: torch.nn.Module, path: str | Path, *, hint: str = "") -> None:
+    """Load a segmenter state dict from ``path`` (``weights_only``) after checking every key and shape.
+
+    The file holds ``model.state_dict()`` (or ``{"state_dict": …}``). All missing, unexpected and
+    mis-shaped keys are counted in one :class:`CheckpointError` line, the first few by name, with
+    ``hint`` appended (e.g. which preset and fusion the model was built with).
+    """
+    from vlexport.models.backbones import load_checkpoint_file
+
+    obj = load_checkpoint_file(path, trust=False, what="multiscale checkpoint")
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"multiscale checkpoint {path} holds a {type(obj).__name__}, expected a non-empty "
+                              "state dict (torch.save(model.state_dict(), PATH))")
+    own = model.state_dict()
+    missing = [k for k in own if k not in obj]
+    unexpected = [str(k) for k in obj if k not in own]
+    mismatched = [f"{k} (checkpoint {list(getattr(v, 'shape', ()))} vs model {list(own[k].shape)})"
+                  for k, v in obj.items()
+                  if k in own and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape))]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_names(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_names(mismatched)}")
+    if problems:
+        raise CheckpointError(f"multiscale checkpoint {path} does not match the model{hint}: " + "; ".join(problems))
+    model.load_state_dict(dict(obj), strict=True)
+
+
+def _build_model(opts: MultiScaleExportOptions):
+    from vlexport.models.multiscale import build_multiscale
+
+    overrides = {"image_size": int(opts.imgsz)} if opts.imgsz is not None else {}
+    log.info("building the multiscale %s segmenter (%s fusion)…", opts.preset, opts.fusion)
+    model = build_multiscale(opts.preset, opts.fusion, pretrained_backbone=opts.backbone_weights, **overrides)
+    notes: list[str] = []
+    if opts.checkpoint is not None:
+        log.info("loading %s…", opts.checkpoint)
+        load_segmenter_state(model, opts.checkpoint,
+                             hint=f" (built as --preset {opts.preset} --fusion {opts.fusion}; was it trained as another?)")
+    elif opts.backbone_weights is not None:
+        notes.append("no --checkpoint: the ResNet comes from --backbone-weights but the scale fusion, decoder and "
+                     "head are UNTRAINED (random weights): masks are meaningless")
+    else:
+        notes.append("no --checkpoint: the segmenter is UNTRAINED (random weights): masks are meaningless")
+    return model.eval(), notes
+
+
+def build_plan(opts: MultiScaleExportOptions) -> ExportPlan:
+    """Build (and load) the segmenter and describe the `segmenter` part and the runtime's settings."""
+    _check_options(opts)
+    model, notes = _build_model(opts)
+    cfg = model.config
+    size = int(cfg.image_size)
+    preprocess = multiscale_preprocess(size)
+    images, source = parity_batch(preprocess, opts.parity_source, opts.parity_count)
+    part = Part(
+        name="segmenter",
+        module=model,
+        io=PartIO(inputs=(TensorSpec("images", "float32", (1, 3, size, size)),),
+                  outputs=(TensorSpec("logits", "float32", (1, 1, size, size)),)),
+        make_inputs=lambda x: (x,),
+        tolerances={"fp32": {"logits": OutputTolerance(max_abs=1e-4)},
+                    "fp16": {"logits": OutputTolerance(min_cosine=0.999)}},
+        quantize=True,
+    )
+    processor = model.processor
+    classes = ["background", opts.class_name.strip()]
+    provenance: dict[str, Any] = {"trained": opts.checkpoint is not None}
+    if opts.checkpoint is not None:
+        provenance.update(checkpoint=str(opts.checkpoint), checkpoint_sha256=sha256_file(opts.checkpoint))
+    if opts.backbone_weights is not None:
+        provenance.update(backbone_weights=str(opts.backbone_weights),
+                          backbone_weights_sha256=sha256_file(opts.backbone_weights))
+    return ExportPlan(
+        family="multiscale", task="segment", preset=opts.preset, parts=[part], parity_images=images,
+        parity_source=source, preprocess=preprocess,
+        vocabulary={"classes": classes, "templates": None, "mode": "closed"},
+        provenance=provenance,
+        model={"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()},
+               "parameters": int(sum(p.numel() for p in model.parameters()))},
+        warnings=notes,
+        extra_manifest={"segment": {
+            "threshold": float(opts.threshold), "classes": classes, "output": "logits",
+            "fusion": cfg.fusion, "scales": list(processor.scales),
+            "scale_sizes": [list(s) for s in processor.scale_sizes(size, size)],
+            "mask": "logits cropped to the letterboxed image, resized bilinearly to the source, "
+                    "foreground where sigmoid(logit) > threshold"}},
+    )
+
+
+def export_multiscale(opts: MultiScaleExportOptions) -> ExportReport:
+    """Check the options, build the plan and write the bundle (see :func:`write_bundle`).
+
+    A user mistake raises before anything is written; a failed parity check leaves nothing at ``opts.out``.
+    """
+    opts = dataclasses.replace(opts, precision=opts.precision or PrecisionOptions())
+    opts.precision.check()
+    plan = build_plan(opts)
+    for note in plan.warnings:
+        log.warning("WARNING: %s", note)
+    return write_bundle(plan, opts.out, precision=opts.precision, opset=opts.opset, overwrite=opts.overwrite)
