@@ -261,6 +261,53 @@ def sclip_cmd(**kw) -> None:
     _print_export_report(report)
 
 
+# --------------------------------------------------------------------------- export: detr
+@cli.command("detr")
+@click.option("--preset", default="r50", show_default=True,
+              help="Architecture without --checkpoint: tiny, tiny-segm, r50, r50-dc5, r101, r101-dc5, r50-panoptic, …")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Official DETR checkpoint ({'model': state_dict, 'args': …}, e.g. detr-r50-e632da11.pth) or a bare "
+                   "state dict; its architecture replaces --preset.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling a checkpoint that is more than tensors (runs code from the file).")
+@click.option("--dilation/--no-dilation", default=None,
+              help="DC5 (dilated layer4) or not, for checkpoints without 'args' [default: the file's args, else no].")
+@click.option("--size", default=800, show_default=True, type=click.IntRange(32), help="Short side after resizing.")
+@click.option("--max-size", default=1333, show_default=True, type=click.IntRange(32), help="Longest side after resizing.")
+@click.option("--score-threshold", default=0.7, show_default=True, type=click.FloatRange(0, 1),
+              help="Queries scoring above this are kept at run time (the official demo's 0.7).")
+@click.option("--classes", help="Comma-separated name of every class id [default: COCO's 91 category ids for 91 classes].")
+@click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/detr-PRESET].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
+@precision_options
+def detr_cmd(**kw) -> None:
+    """Export DETR (part: detector; masks too for segmentation models). No NMS: queries above
+    --score-threshold are the detections.
+
+    \b
+    Examples:
+      vlexport detr --checkpoint detr-r50-e632da11.pth --fp16 --val coco128/images/train2017
+      vlexport detr --checkpoint detr-r50-dc5-f0fb7ef5.pth --dilation --out bundles/detr-r50-dc5
+      vlexport detr --checkpoint detr-r50-e632da11.pth --int8 --calib coco128/images/train2017 --calib-size 32
+      vlexport detr --preset tiny --size 256 --max-size 400 --out /tmp/detr   # seconds, random weights
+      vlexport run bundles/detr-r50 --source bus.jpg --save bus_detr.jpg
+    """
+    _require_export_extra()
+    from vlexport.export.detr import DETRExportOptions, export_detr
+
+    kw["parity_source"] = kw.pop("val")
+    precision = _precision(kw)
+    precision.check()
+    classes = kw.pop("classes")
+    names = None if classes is None else [c.strip() for c in classes.split(",")]
+    if names is not None and not all(names):
+        raise UsageError(f"--classes has an empty name in {classes!r}: give one name per class id, comma-separated")
+    preset = kw["preset"] if kw["checkpoint"] is None else Path(kw["checkpoint"]).stem
+    out = kw.pop("out") or Path("bundles") / f"detr-{preset}"
+    report = export_detr(DETRExportOptions(out=out, classes=names, precision=precision, **kw))
+    _print_export_report(report)
+
+
 # --------------------------------------------------------------------------- export: captioner
 @cli.command("captioner")
 @click.option("--preset", default="vitb32-gpt2", show_default=True, help="tiny, vitb32-gpt2 (CLIP ViT-B/32 + GPT-2 small).")
@@ -303,6 +350,44 @@ def captioner_cmd(**kw) -> None:
     _print_export_report(report)
 
 
+# --------------------------------------------------------------------------- export: multiscale
+@cli.command("multiscale")
+@click.option("--preset", default="r50", show_default=True, help="tiny (ResNet-18, 320) or r50 (ResNet-50, 352).")
+@click.option("--fusion", default="absi", show_default=True, type=click.Choice(["absi", "hierarchical"]),
+              help="How the 0.5x/1.0x/1.5x features are fused: attention across scales, or coarse-to-fine merges.")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Trained segmenter: torch.save(model.state_dict()) of the same --preset and --fusion (tensors only).")
+@click.option("--backbone-weights", type=click.Path(path_type=Path),
+              help="torchvision ResNet state dict for the backbone of an otherwise untrained model.")
+@click.option("--imgsz", type=int, help="Square input size, a multiple of 32 (default: the preset's).")
+@click.option("--class-name", default="object", show_default=True, help="Name of the foreground class.")
+@click.option("--threshold", default=0.5, show_default=True, type=float,
+              help="Foreground where the probability is above this (the runtime can override it).")
+@click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/multiscale-PRESET-FUSION].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21))
+@precision_options
+def multiscale_cmd(**kw) -> None:
+    """Export the multi-scale binary segmenter (part: segmenter; all scales and the fusion in one graph).
+
+    \b
+    Examples:
+      vlexport multiscale --checkpoint cod_r50.pt --class-name animal --fp16
+      vlexport multiscale --fusion hierarchical --backbone-weights resnet50.pt
+      vlexport multiscale --preset tiny --imgsz 128 --out /tmp/ms    # seconds, random weights
+      vlexport run bundles/multiscale-r50-absi --source video.mp4 --save out.mp4 --jsonl out.jsonl
+    """
+    _require_export_extra()
+    from vlexport.export.multiscale import MultiScaleExportOptions, export_multiscale
+
+    kw["parity_source"] = kw.pop("val")
+    precision = _precision(kw)
+    precision.check()
+    out = kw.pop("out") or Path("bundles") / f"multiscale-{kw['preset']}-{kw['fusion']}"
+    report = export_multiscale(MultiScaleExportOptions(out=out, precision=precision, **kw))
+    _print_export_report(report)
+
+
 # --------------------------------------------------------------------------- training
 @cli.command("train-kdeov")
 @click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of training images.")
@@ -314,8 +399,10 @@ def captioner_cmd(**kw) -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--imgsz", type=int, help="Training image size (default: the preset's).")
+@click.option("--dino-weight", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Weight of DINO self-distillation added to the loss (0: off).")
 def train_kdeov_cmd(images: Path, out: Path, preset: str, backbone_weights: Path | None, trust_checkpoint: bool,
-                    steps: int, batch_size: int, lr: float, imgsz: int | None) -> None:
+                    steps: int, batch_size: int, lr: float, imgsz: int | None, dino_weight: float) -> None:
     """Distil the frozen CLIP image tower into the KDEOV student on a folder of images (CPU is fine).
 
     \b
@@ -328,7 +415,7 @@ def train_kdeov_cmd(images: Path, out: Path, preset: str, backbone_weights: Path
 
     history = train_kdeov_on_folder(images, out, preset=preset, backbone_weights=backbone_weights,
                                     trust_checkpoint=trust_checkpoint, steps=steps, batch_size=batch_size,
-                                    lr=lr, image_size=imgsz)
+                                    lr=lr, image_size=imgsz, dino_weight=dino_weight)
     click.secho(f"checkpoint written: {out}  (loss {history[0]:.4f} → {history[-1]:.4f} over {len(history)} steps)", fg="green")
 
 

@@ -237,3 +237,50 @@ def test_cli_run_refuses_a_non_captioner_as_caption_bundle(trained_bundle, tiny_
     res = CliRunner().invoke(cli, ["run", str(trained_bundle.path), "--caption", str(tiny_bundle), "--source",
                                    str(assets / "images" / "bus.jpg"), "--no-progress"])
     assert res.exit_code == 1 and "not a captioner" in res.output and "Traceback" not in res.output
+
+
+def test_int8_encoder_and_gated_weight_only_int8_decoder(trained, tokenizer_dir, tmp_path):
+    """--int8: the encoder is calibrated (QDQ); the decoder gets 8-bit weights, kept because its greedy
+    tokens still match PyTorch's; the runtime picks it on a CPU and captions as before."""
+    from vlexport.export.captioner import CaptionerExportOptions, export_captioner
+    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.runtime import load
+
+    model, samples, _, _, ckpt = trained
+    calib = str(samples[0].image.parent)
+    report = export_captioner(CaptionerExportOptions(
+        out=tmp_path / "cap8", checkpoint=ckpt, tokenizer=str(tokenizer_dir), parity_source=calib, max_length=20,
+        precision=PrecisionOptions(int8=True, calib=calib, calib_size=8, int8_target="cpu")))
+    manifest = json.loads((report.path / "manifest.json").read_text())
+    assert manifest["parts"]["decoder"]["files"]["int8"] == "decoder.int8.onnx"
+    assert manifest["calibration"]["weight_only"]["decoder"]["quantized_nodes"] >= 1
+    gate = manifest["validation"]["decode"]["decoder_int8_gate"]
+    assert gate["kept"] and gate["tokens_identical"] >= gate["min_agreement"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(report.path / "decoder.int8.onnx")).graph.node}
+    assert "MatMulNBits" in ops
+    frames, _ = _images(samples, model)
+    with load(report.path) as task:  # CPU default: the int8 decoder (and the cpu-target int8 encoder)
+        assert task.decoder_precision == "int8"
+        texts = [task.caption(f).text.strip() for f in frames]
+    assert sum(t == s.caption for t, s in zip(texts, samples)) >= len(samples) - 1
+
+
+def test_captions_run_beside_detection_without_holding_it_up(trained_bundle, tiny_bundle, assets, tmp_path):
+    from vlexport.runtime import load
+    from vlexport.runtime.video import run_on_source
+
+    with load(tiny_bundle) as det, load(trained_bundle.path, precision="fp32") as cap:
+        stats = run_on_source(det, assets / "video" / "car-detection.mp4", jsonl=tmp_path / "r.jsonl",
+                              save=tmp_path / "r.mp4", progress=False, max_frames=40, caption=cap,
+                              caption_every_frames=5)
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert stats.frames == 40 and [r["frame"] for r in records] == list(range(40))
+    assert all("detections" in r for r in records)  # every frame detected, whatever the captioner does
+    captioned = [r for r in records if "caption" in r]
+    assert captioned, "at least one caption finished during 40 frames"
+    for r in captioned:  # a caption arrives at or after the frame it was computed on
+        assert r["caption"]["frame"] <= r["frame"] and isinstance(r["caption"]["text"], str)
+    computed_on = [r["caption"]["frame"] for r in captioned]
+    assert computed_on[0] == 0 and all(b - a >= 5 for a, b in zip(computed_on, computed_on[1:]))  # on schedule

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -44,6 +45,9 @@ class Part:
     tolerances: dict[str, dict[str, OutputTolerance]] = field(default_factory=dict)
     reference: Callable[..., object] | None = None
     quantize: bool = False  # an INT8 candidate; others stay FP32/FP16
+    # INT8 without calibration: ``weight_quantizer(fp32_path, int8_path) -> info`` (e.g. weight-only
+    # int8 for a decoder step, whose cost is reading weights); used instead of QDQ calibration.
+    weight_quantizer: Callable[[Path, Path], dict] | None = None
     # Inner parts (a decoder fed by an encoder) calibrate on what the preceding part really
     # produces: ``calib_from`` names that part, and ``calib_feeds`` turns its recorded ONNX
     # outputs on one calibration image into this part's feeds.

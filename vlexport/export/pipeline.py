@@ -85,8 +85,9 @@ class ExportPlan:
     # Files copied into the bundle as they are (bundle-relative name -> source), e.g. a tokenizer.
     extra_files: dict[str, Path] = field(default_factory=dict)
     # Family checks run on the written graphs after the per-part parity (e.g. a whole decode loop):
-    # ``check(files)`` with files = {part: {precision: path}} returns (name, figures, violations);
-    # figures go to ``validation[name]`` and any violation stops the export like a parity failure.
+    # ``check(files)`` with files = {part: {precision: path}} returns (name, figures, violations) and
+    # optionally a 4th item, the (part, precision) files it refuses (an accuracy gate), which are
+    # dropped; figures go to ``validation[name]``; a violation stops the export like a parity failure.
     checks: list[Callable[[dict[str, dict[str, Path]]], tuple[str, dict[str, Any], list[str]]]] = field(
         default_factory=list)
 
@@ -155,7 +156,13 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 files["fp16"] = fp16_rel
                 extra.setdefault("fp16", {})[part.name] = {"kept_fp32_op_types": list(FRAGILE_OPS),
                                                            "kept_fp32_nodes": kept}
-            if prec.int8 and part.quantize:
+            if prec.int8 and part.weight_quantizer is not None:
+                int8_rel = f"{part.name}.int8.onnx"
+                log.info("quantising %s weights to int8 (no calibration: weight-only)…", part.name)
+                info = part.weight_quantizer(fp32_path, writer.path(int8_rel))
+                files["int8"] = int8_rel
+                extra.setdefault("weight_only", {})[part.name] = info
+            elif prec.int8 and part.quantize:
                 from vlexport.calibration.quantize import quantize_int8
 
                 int8_rel = f"{part.name}.int8.onnx"
@@ -178,9 +185,15 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
         family_checks: dict[str, Any] = {}
         if not problems:
             for check in plan.checks:
-                name, figures, bad = check(written)
+                name, figures, bad, *rest = check(written)
                 family_checks[name] = figures
                 problems += bad
+                for part_name, p in (rest[0] if rest else []):  # files a family's own gate refused
+                    rel = parts_manifest[part_name]["files"].pop(p)
+                    writer.path(rel).unlink()
+                    parity.pop(f"{part_name}/{p}", None)
+                    extra.get("weight_only", {}).pop(part_name, None)
+                    log.warning("%s/%s dropped: the %s check refused it", part_name, p, name)
         if problems:
             raise ExportError(
                 "the export does not match PyTorch, so no bundle was written: " + "; ".join(problems)
@@ -219,6 +232,7 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 "target": prec.int8_target, "method": prec.calib_method, "source": calib.source,
                 "kind": calib.kind, "count": len(calib.frames), "seed": prec.calib_seed, "sha256": calib.sha256,
                 "excluded_nodes": {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()},
+                "weight_only": extra.get("weight_only", {}),
             }
             if prec.val and _is_labelled(prec.val):
                 from vlexport.calibration.gate import run_accuracy_gate

@@ -404,3 +404,24 @@ def _encode_classes(
             bar.update(len(chunk))
     means = sums / n_templates
     return torch.nn.functional.normalize(means, dim=-1).numpy().astype(np.float32, copy=False)
+
+
+#: COCO's category id (the 2017 annotation files' ids, 1..90 with gaps) of each COCO80_CLASSES entry.
+COCO80_TO_COCO91_IDS: tuple[int, ...] = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+    32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+    58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+    88, 89, 90,
+)  # fmt: skip
+
+
+def _coco91_names() -> tuple[str, ...]:
+    names = ["N/A"] * (max(COCO80_TO_COCO91_IDS) + 1)
+    for name, cid in zip(COCO80_CLASSES, COCO80_TO_COCO91_IDS):
+        names[cid] = name
+    return tuple(names)
+
+
+#: Names indexed by raw COCO category id 0..90: the label space of models trained on COCO's ids
+#: (DETR: ``num_classes`` 91). Ids without a category (0 = background, 12, 26, ...) are "N/A".
+COCO91_CLASSES: tuple[str, ...] = _coco91_names()

@@ -7,6 +7,7 @@ import unicodedata
 import cv2
 import numpy as np
 
+from vlexport.errors import UsageError
 from vlexport.runtime.preprocess import check_image
 from vlexport.runtime.results import Caption, Detections
 
@@ -26,10 +27,13 @@ def class_color(class_id: int) -> tuple[int, int, int]:
 
 
 def draw_detections(bgr: np.ndarray, detections: Detections, line_width: int | None = None) -> np.ndarray:
-    """A copy of ``bgr`` with each detection's box and a filled "label score" tag drawn on it."""
+    """A copy of ``bgr`` with each detection's box and a filled "label score" tag drawn on it,
+    and its mask tinted in the class colour when the detections have masks."""
     check_image(bgr)
     img = bgr.copy()
     h, w = img.shape[:2]
+    if detections.masks is not None and len(detections):
+        _tint_masks(img, detections.masks, detections.class_ids)
     lw = line_width or max(round((h + w) / 2 * 0.003), 2)
     font_scale = lw / 3
     font_thick = max(lw - 1, 1)
@@ -51,6 +55,20 @@ def draw_detections(bgr: np.ndarray, detections: Detections, line_width: int | N
             img, text, (x1 + 1, ty1 + th), cv2.FONT_HERSHEY_SIMPLEX, font_scale, txt_color, font_thick, cv2.LINE_AA
         )
     return img
+
+
+_MASK_ALPHA = 0.45
+
+
+def _tint_masks(img: np.ndarray, masks: np.ndarray, class_ids: np.ndarray) -> None:
+    """Blend each mask's pixels with its class colour, in place (later masks on top)."""
+    if masks.shape[1:] != img.shape[:2]:
+        raise UsageError(f"masks are {masks.shape[2]}x{masks.shape[1]} but the image is {img.shape[1]}x{img.shape[0]}: "
+                         "draw detections on the frame they were computed on")
+    for mask, cid in zip(masks, class_ids):
+        color = np.asarray(class_color(int(cid)), np.float32)
+        region = img[mask].astype(np.float32)
+        img[mask] = (region * (1 - _MASK_ALPHA) + color * _MASK_ALPHA).astype(np.uint8)
 
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX

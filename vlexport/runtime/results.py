@@ -38,13 +38,18 @@ def _as_array(name: str, value: Any, dtype: Any, shape_desc: str) -> np.ndarray:
 
 @dataclass
 class Detections:
-    """Detections in one frame: xyxy boxes in source-image pixels, scores, class ids and labels."""
+    """Detections in one frame: xyxy boxes in source-image pixels, scores, class ids and labels.
+
+    ``masks``, for models that segment their detections (DETR's mask head), is a bool
+    ``[K, H, W]`` array in source-image pixels, one mask per detection; None otherwise.
+    """
 
     boxes: np.ndarray
     scores: np.ndarray
     class_ids: np.ndarray
     labels: list[str] = field(default_factory=list)
     stamp: FrameStamp | None = None
+    masks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.boxes = _as_array("boxes", self.boxes, np.float32, "[K, 4]")
@@ -69,6 +74,13 @@ class Detections:
             raise ValueError(f"labels: got {len(self.labels)} labels, expected {k}")
         if self.stamp is not None and not isinstance(self.stamp, FrameStamp):
             raise ValueError(f"stamp: got {type(self.stamp).__name__}, expected FrameStamp or None")
+        if self.masks is not None:
+            masks = np.asarray(self.masks)
+            if masks.dtype != np.bool_:
+                raise ValueError(f"masks: got dtype {masks.dtype}, expected bool [K, H, W]")
+            if masks.ndim != 3 or masks.shape[0] != k:
+                raise ValueError(f"masks: got shape {tuple(masks.shape)}, expected ({k}, H, W)")
+            self.masks = masks
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -78,13 +90,18 @@ class Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64), [], stamp)
 
     def records(self) -> list[dict[str, Any]]:
-        """One JSON-safe dict per detection: box (rounded), score, class_id, label."""
+        """One JSON-safe dict per detection: box (rounded), score, class_id, label, and
+        ``mask_area`` (pixels in its mask) when there are masks."""
         boxes = np.round(self.boxes.astype(np.float64), _DECIMALS).tolist()
         scores = np.round(self.scores.astype(np.float64), _SCORE_DECIMALS).tolist()
-        return [
+        out = [
             {"box": b, "score": s, "class_id": int(c), "label": str(lab)}
             for b, s, c, lab in zip(boxes, scores, self.class_ids.tolist(), self.labels)
         ]
+        if self.masks is not None:
+            for rec, area in zip(out, self.masks.sum(axis=(1, 2)).tolist()):
+                rec["mask_area"] = int(area)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: the stamp's fields (when there is one) and ``detections``."""

@@ -352,7 +352,10 @@ class CaptionTask(PartTask):
         accelerated = any(p != "CPUExecutionProvider" for p in providers)
         # A requested int8 applies to the encoder; the decoder has it only if it was quantised.
         requested = None if precision == "int8" and "int8" not in part.precisions else precision
-        target = (self.bundle.manifest.get("calibration") or {}).get("target", "tensorrt")
+        calibration = self.bundle.manifest.get("calibration") or {}
+        target = calibration.get("target", "tensorrt")
+        if "decoder" in (calibration.get("weight_only") or {}):
+            target = "cpu"  # 8-bit weights: the fastest decoder step on a CPU too (a step reads every weight)
         self.decoder_precision: str = choose_precision(part.precisions, requested, accelerated, where, target)
         self.decoder_path = self.bundle.verify(part.files[self.decoder_precision])
         self.decoder = OrtBackend(self.decoder_path, providers=providers, threads=threads)
