@@ -13,7 +13,12 @@ from click.testing import CliRunner
 
 from vlexport.cli import cli
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.export.multiscale import MultiScaleExportOptions, export_multiscale, multiscale_preprocess
+from vlexport.export.multiscale import (
+    MultiScaleExportOptions,
+    export_multiscale,
+    fp32_rounding_error,
+    multiscale_preprocess,
+)
 from vlexport.export.pipeline import PrecisionOptions
 from vlexport.models.multiscale import binary_segmentation_loss, build_multiscale
 from vlexport.runtime import load
@@ -48,6 +53,9 @@ def test_both_fusions_export_fp32_and_fp16_with_parity(fusion, tmp_path, assets)
     assert m["parts"]["segmenter"]["outputs"][0]["shape"] == [1, 1, SIZE, SIZE]
     assert m["validation"]["parity_images"]["count"] == 3
     assert any("UNTRAINED" in w for w in m["warnings"])
+    # A tiny ResNet-18 is far below the float32 noise floor: the tolerance stays 1e-4.
+    assert m["model"]["fp32_parity"]["max_abs_tolerance"] == 1e-4
+    assert m["model"]["fp32_parity"]["torch_fp32_vs_fp64_max_abs"] < 1e-5
 
     import onnx
 
@@ -55,6 +63,21 @@ def test_both_fusions_export_fp32_and_fp16_with_parity(fusion, tmp_path, assets)
     assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["logits"]
     # One graph with every scale: the 0.5x and 1.5x input resizes are in it.
     assert sum(n.op_type == "Resize" for n in graph.node) >= 2 + 2 * 4
+
+
+def test_fp32_rounding_error_by_hand():
+    class Cancel(torch.nn.Module):  # (x + 1e8) - 1e8: 0 in float32 for |x| < 4, x in float64
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("big", torch.tensor(1e8))
+
+        def forward(self, x):
+            return (x + self.big) - self.big
+
+    images = torch.zeros(2, 3, 4, 4)
+    images[1, 0, 0, 0] = 0.25
+    images[0, 2, 1, 1] = -1.5
+    assert fp32_rounding_error(Cancel(), images) == 1.5
 
 
 def _person_data(assets: Path, pre: Preprocessor):

@@ -460,3 +460,18 @@ def test_real_engine_matches_onnxruntime(tmp_path: Path) -> None:
     assert (root / TIMING_CACHE).is_file()
     Bundle.open(root).verify_all()
     assert engines.current_device()[0].startswith("10.")
+
+
+def test_detr_bundles_get_an_image_size_range_for_their_dynamic_axes(tmp_path: Path) -> None:
+    from vlexport.runtime.bundle import Bundle
+    from vlexport.runtime.engines import _default_axes, profile_shapes
+    from vlexport.runtime.spec import TensorSpec
+
+    root = make_bundle(tmp_path / "b")
+    m = manifest(root)
+    m["preprocess"] = {"resize": "detr", "short_side": 800, "max_size": 1333}
+    (root / "manifest.json").write_text(json.dumps(m))
+    axes = _default_axes(Bundle.open(root))
+    assert axes["height"] == axes["width"] == (32, 800, 1333)
+    shapes = profile_shapes([TensorSpec("images", "float32", (1, 3, "height", "width"))], axes=axes)
+    assert shapes["images"] == ((1, 3, 32, 32), (1, 3, 800, 800), (1, 3, 1333, 1333))

@@ -238,6 +238,17 @@ def _check_inputs(model: onnx.ModelProto, inputs: Sequence[dict[str, np.ndarray]
 
 
 # -- quantisation ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _working_directory(folder: Path) -> Iterator[None]:
+    """``contextlib.chdir`` for Python 3.10 too (the process-wide cwd is restored on exit)."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _preprocess(src: Path, dst: Path) -> Path:
     """Shape inference before quantisation (a tensor of unknown shape cannot be quantised).
 
@@ -247,8 +258,10 @@ def _preprocess(src: Path, dst: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            quant_pre_process(str(src), str(dst), skip_optimization=True)
+        # When symbolic inference gives up, onnxruntime leaves a temporary model (and its external
+        # data) in the current folder: run it from the scratch folder so nothing lands in the user's.
+        with contextlib.redirect_stdout(io.StringIO()), _working_directory(dst.parent):
+            quant_pre_process(str(src.resolve()), str(dst.resolve()), skip_optimization=True)
         return dst
     except Exception as e:  # symbolic shape inference gives up on some graphs; plain inference suffices
         first = str(e).splitlines()[0] if str(e) else ""

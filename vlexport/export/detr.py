@@ -314,7 +314,8 @@ def build_plan(opts: DETRExportOptions) -> ExportPlan:
                      "mask_threshold": 0.5, "boxes": "xyxy source pixels, not clipped", "nms": False},
         vocabulary={"classes": classes, "mode": "fixed", "label_space": "class ids of the model"},
         provenance=provenance,
-        model={"config": dataclasses.asdict(config), "num_queries": q},
+        model={"config": dataclasses.asdict(config), "num_queries": q,
+               "calibration_input": f"frames centre-cropped to {CALIB_ASPECT:.4g} (w/h), then DETR's resize"},
         warnings=notes,
         frame_to_tensor=calibration_sample,  # type: ignore[arg-type]
         checks=[_family_check(graph, frames, opts, masks)],
@@ -331,7 +332,10 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     lt = np.maximum(a[:, :2], b[:, :2])
     rb = np.minimum(a[:, 2:], b[:, 2:])
     inter = np.clip(rb - lt, 0, None).prod(1)
-    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
+
+    def area(x: np.ndarray) -> np.ndarray:
+        return np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
+
     union = area(a) + area(b) - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 1.0)
 

@@ -37,8 +37,13 @@ def convert_to_fp16(model: onnx.ModelProto, *, keep_fp32_ops: tuple[str, ...] = 
     Uses onnxruntime's maintained converter, which inserts the Cast nodes at the FP16/FP32
     boundaries. The result runs on onnxruntime's CPU provider as well as on GPUs.
     """
+    import logging
+
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    # Its "initializer is used by both fp32 and fp16 nodes" notices list whole nodes: expected here
+    # (kept-FP32 nodes share weights), so only its warnings and errors are shown.
+    logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.WARNING)
     converted = convert_float_to_float16(
         model,
         keep_io_types=True,

@@ -12,10 +12,15 @@ The letterbox keeps the geometry, so the runtime maps the logits back exactly: i
 padded border away and resizes the image region to the source size (see
 :mod:`vlexport.runtime.tasks.binary_segment`). The sigmoid and the threshold are applied by the
 runtime too (``segment.threshold``), so they can change without a re-export.
+
+Parity: FP32 logits within 1e-4 of PyTorch's (max-abs), or within ``ROUNDING_FACTOR`` times
+PyTorch's own float32 error (measured against a float64 copy on the same images) when that is
+larger; FP16 cosine ≥ 0.999 and no NaN/Inf. Both figures are in the manifest.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -34,12 +39,19 @@ from vlexport.runtime.spec import PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
 
-__all__ = ["MultiScaleExportOptions", "multiscale_preprocess", "load_segmenter_state", "build_plan",
-           "export_multiscale", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["MultiScaleExportOptions", "multiscale_preprocess", "load_segmenter_state", "fp32_rounding_error",
+           "build_plan", "export_multiscale", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAD_VALUE = 114  # close to ImageNet's mean grey: the padding normalises to about zero
+FP32_MAX_ABS = 1e-4  # FP32 parity tolerance on the logits …
+# … unless PyTorch's own float32 logits are already further than FP32_MAX_ABS / ROUNDING_FACTOR
+# from exact (float64) arithmetic on the parity images. A deep random ResNet-50 with ABSI gets
+# there (measured ~1.5e-4): two float32 computations that sum in different orders (PyTorch,
+# onnxruntime) then differ by about the sum of their own errors, and onnxruntime's was measured at
+# up to 1.6x PyTorch's. The floor only tracks arithmetic noise; an export bug is orders larger.
+ROUNDING_FACTOR = 4.0
 _SHOWN = 4  # keys named per kind of mismatch in a checkpoint error (the rest are counted)
 
 
@@ -138,6 +150,17 @@ def load_segmenter_state(model: torch.nn.Module, path: str | Path, *, hint: str 
     model.load_state_dict(dict(obj), strict=True)
 
 
+def fp32_rounding_error(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Max |logits in float32 − logits in float64| of ``model`` over ``images`` (one at a time)."""
+    double = copy.deepcopy(model).double().eval()
+    worst = 0.0
+    with torch.no_grad():
+        for i in range(images.shape[0]):
+            x = images[i:i + 1]
+            worst = max(worst, float((model(x).double() - double(x.double())).abs().max()))
+    return worst
+
+
 def _build_model(opts: MultiScaleExportOptions):
     from vlexport.models.multiscale import build_multiscale
 
@@ -165,13 +188,19 @@ def build_plan(opts: MultiScaleExportOptions) -> ExportPlan:
     size = int(cfg.image_size)
     preprocess = multiscale_preprocess(size)
     images, source = parity_batch(preprocess, opts.parity_source, opts.parity_count)
+    log.info("measuring PyTorch's own float32 rounding on the %d parity image(s) (a float64 copy)…", images.shape[0])
+    rounding = fp32_rounding_error(model, images)
+    fp32_tol = max(FP32_MAX_ABS, ROUNDING_FACTOR * rounding)
+    if fp32_tol > FP32_MAX_ABS:
+        log.info("PyTorch's float32 logits are %.2g from float64: the FP32 parity tolerance is %.2g instead of %.0e",
+                 rounding, fp32_tol, FP32_MAX_ABS)
     part = Part(
         name="segmenter",
         module=model,
         io=PartIO(inputs=(TensorSpec("images", "float32", (1, 3, size, size)),),
                   outputs=(TensorSpec("logits", "float32", (1, 1, size, size)),)),
         make_inputs=lambda x: (x,),
-        tolerances={"fp32": {"logits": OutputTolerance(max_abs=1e-4)},
+        tolerances={"fp32": {"logits": OutputTolerance(max_abs=fp32_tol)},
                     "fp16": {"logits": OutputTolerance(min_cosine=0.999)}},
         quantize=True,
     )
@@ -189,7 +218,8 @@ def build_plan(opts: MultiScaleExportOptions) -> ExportPlan:
         vocabulary={"classes": classes, "templates": None, "mode": "closed"},
         provenance=provenance,
         model={"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()},
-               "parameters": int(sum(p.numel() for p in model.parameters()))},
+               "parameters": int(sum(p.numel() for p in model.parameters())),
+               "fp32_parity": {"max_abs_tolerance": fp32_tol, "torch_fp32_vs_fp64_max_abs": rounding}},
         warnings=notes,
         extra_manifest={"segment": {
             "threshold": float(opts.threshold), "classes": classes, "output": "logits",

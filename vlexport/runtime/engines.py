@@ -214,10 +214,17 @@ def profile_shapes(
 def _default_axes(bundle: Bundle) -> dict[str, tuple[int, int, int]]:
     # In vocabulary mode "input" the class embeddings are a graph input with a "num_classes" axis:
     # optimise for the shipped vocabulary and allow vocabularies up to a generous size.
+    axes: dict[str, tuple[int, int, int]] = {}
     n = len(bundle.classes)
     if n:
-        return {"num_classes": (1, n, max(n, 1024))}
-    return {}
+        axes["num_classes"] = (1, n, max(n, 1024))
+    pre = bundle.preprocess
+    if pre.get("resize") == "detr":
+        # DETR's images keep their aspect: the short side is `short_side` (less for very long
+        # images) and neither side exceeds `max_size`.
+        short, longest = int(pre["short_side"]), int(pre["max_size"])
+        axes["height"] = axes["width"] = (32, short, longest)
+    return axes
 
 
 # -- the cache -----------------------------------------------------------------------------------
