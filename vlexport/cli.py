@@ -539,6 +539,57 @@ def validate_cmd(bundle: Path, data: str, precisions: tuple[str, ...], max_image
         click.echo(f"wrote {json_out}")
 
 
+# --------------------------------------------------------------------------- bench
+@cli.command("bench")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--source", help="Video (or image, folder, camera, URL): its first frame is the one measured, "
+                               "and the whole pipeline runs on it for the end-to-end FPS [default: a synthetic frame].")
+@click.option("--runs", default=50, show_default=True, type=int, help="Timed runs per measurement.")
+@click.option("--warmup", default=5, show_default=True, type=int, help="Untimed runs before each measurement.")
+@click.option("--threads", type=int, help="CPU threads of onnxruntime and PyTorch [default: theirs].")
+@click.option("--backend", "backends", multiple=True,
+              help="Only this backend, onnxruntime or tensorrt (repeatable) [default: every one usable here].")
+@click.option("--precision", "precisions", multiple=True,
+              help="Only this precision, fp32, fp16 or int8 (repeatable) [default: every one the bundle has].")
+@click.option("--batch", type=int, help="Batch of the extra throughput run of graphs with a dynamic batch axis [default: 8].")
+@click.option("--max-frames", type=int, help="Stop the video run after this many frames [default: the whole source].")
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch eager comparison.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="JSON file [default: bench-BUNDLE_NAME.json].")
+@click.option("--png", "png_out", type=click.Path(path_type=Path), help="Chart [default: the JSON path with .png].")
+def bench_cmd(bundle: Path, source: str | None, runs: int, warmup: int, threads: int | None,
+              backends: tuple[str, ...], precisions: tuple[str, ...], batch: int | None, max_frames: int | None,
+              no_torch: bool, json_out: Path | None, png_out: Path | None) -> None:
+    """Latency and throughput of a bundle per backend and precision, beside PyTorch eager.
+
+    For the main part (detector, segmenter, or a captioner's encoder and a 30-token decode): latency
+    p50/p90/p99 and throughput of the graph, the task's end-to-end latency (pre-process + inference +
+    post-process), the same architecture in PyTorch eager (when torch is installed), and with --source
+    the pipeline's FPS on the video. Prints a table; writes a JSON file and a PNG chart.
+
+    \b
+    Examples:
+      vlexport bench bundles/yolo-yolov8n --source traffic.mp4 --threads 2
+      vlexport bench bundles/yolo-yolov8n --backend onnxruntime --precision fp32 --precision int8
+      vlexport bench bundles/cap --runs 20 --no-torch --json results/cap.json
+    """
+    from vlexport.bench import BenchOptions, check_output_path, run_bench, write_chart, write_report_json
+
+    opts = BenchOptions(source=source, runs=runs, warmup=warmup, threads=threads, backends=backends,
+                        precisions=precisions, batch=batch, max_frames=max_frames, torch=not no_torch)
+    for path, what in ((json_out, "--json"), (png_out, "--png")):
+        if path is not None:
+            check_output_path(path, what)
+    report = run_bench(bundle, opts)
+    click.echo(report.table())
+    json_path = write_report_json(report, json_out or Path(f"bench-{report.name}.json"))
+    click.echo(f"wrote {json_path}")
+    png_path = png_out or json_path.with_suffix(".png")
+    if write_chart(report, png_path):
+        click.echo(f"wrote {png_path}")
+    else:
+        click.echo("matplotlib is not installed: no chart written (pip install matplotlib)")
+
+
 # --------------------------------------------------------------------------- run
 @cli.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))

@@ -63,6 +63,10 @@ def test_both_fusions_export_fp32_and_fp16_with_parity(fusion, tmp_path, assets)
     assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["logits"]
     # One graph with every scale: the 0.5x and 1.5x input resizes are in it.
     assert sum(n.op_type == "Resize" for n in graph.node) >= 2 + 2 * 4
+    # The three scales share one copy of the backbone's weights (BatchNorm folded before export).
+    weights = sum(onnx.numpy_helper.to_array(t).size for t in graph.initializer)
+    assert weights <= 1.01 * m["model"]["parameters"], (weights, m["model"]["parameters"])
+    assert not any(n.op_type == "BatchNormalization" for n in graph.node)
 
 
 def test_fp32_rounding_error_by_hand():

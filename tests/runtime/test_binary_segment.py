@@ -148,7 +148,7 @@ def test_run_on_source_writes_an_overlay_video_and_jsonl(task, tmp_path):
     video = _asset("video/car-detection.mp4")
     out, js = tmp_path / "seg.mp4", tmp_path / "seg.jsonl"
     stats = run_on_source(task, str(video), save=out, jsonl=js, progress=False, max_frames=4)
-    assert stats.frames == 4 and set(stats.latency_ms) == {"preprocess", "infer", "postprocess"}
+    assert stats.frames == 4 and {"preprocess", "infer", "postprocess"} <= set(stats.latency_ms)
     cap = cv2.VideoCapture(str(out))
     frames = []
     while True:

@@ -54,7 +54,7 @@ def test_run_on_video_writes_video_and_jsonl(task, car_video: Path, tmp_path: Pa
     out, js = tmp_path / "out" / "cars.mp4", tmp_path / "out" / "cars.jsonl"
     stats = run_on_source(task, str(car_video), save=out, jsonl=js, progress=False, max_frames=30)
     assert stats.frames == 30 and not stats.interrupted and stats.fps > 0
-    assert set(stats.latency_ms) == {"preprocess", "infer", "postprocess"}
+    assert {"decode", "preprocess", "infer", "postprocess", "end_to_end"} <= set(stats.latency_ms)
     assert all(p["p50"] <= p["p90"] <= p["p99"] for p in stats.latency_ms.values())
     assert count_frames(out) == (30, (768, 432))
     records = read_jsonl(js)
@@ -200,7 +200,7 @@ def test_sink_context_managers(tmp_path: Path) -> None:
 
 
 def test_run_needs_a_detect_task(tmp_path: Path, assets: Path) -> None:
-    with pytest.raises(UsageError, match="needs a detect or segment task"):
+    with pytest.raises(UsageError, match="no detect, segment or caption method"):
         run_on_source(object(), str(assets / "images" / "bus.jpg"), progress=False)
 
 

@@ -39,8 +39,8 @@ from vlexport.runtime.spec import PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
 
-__all__ = ["MultiScaleExportOptions", "multiscale_preprocess", "load_segmenter_state", "fp32_rounding_error",
-           "build_plan", "export_multiscale", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["MultiScaleExportOptions", "multiscale_preprocess", "load_segmenter_state", "fuse_batchnorm",
+           "fp32_rounding_error", "build_plan", "export_multiscale", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,7 +94,8 @@ def _check_options(opts: MultiScaleExportOptions) -> None:
         raise UsageError(f"--threshold is a probability strictly between 0 and 1, got {opts.threshold}")
     name = (opts.class_name or "").strip()
     if not name or name == "background":
-        raise UsageError(f"--class-name must name the foreground (not empty, not 'background'), got {opts.class_name!r}")
+        raise UsageError("--class-name must name the foreground (not empty, not 'background'), "
+                         f"got {opts.class_name!r}")
     if opts.parity_count < 1:
         raise UsageError(f"the parity check needs at least 1 image, got {opts.parity_count}")
     if opts.checkpoint is not None and opts.backbone_weights is not None:
@@ -150,6 +151,36 @@ def load_segmenter_state(model: torch.nn.Module, path: str | Path, *, hint: str 
     model.load_state_dict(dict(obj), strict=True)
 
 
+def fuse_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of ``model`` with every ``Conv2d`` → ``BatchNorm2d`` pair folded into the convolution.
+
+    Pairs are a ``convN``/``bnN`` attribute pair (torchvision's ResNet blocks) or consecutive items
+    of an ``nn.Sequential`` (the stem, downsample branches, the decoder and merge blocks); the
+    folded BatchNorm becomes an ``Identity``. Why: the exporter folds BatchNorm itself, but once
+    per *call*, and the shared ResNet is called once per scale, so the graph would carry three
+    folded copies of the backbone's weights. Folded here, each weight is one parameter that all
+    three scales' convolutions share in the graph.
+    """
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model).eval()
+    for module in list(fused.modules()):
+        if isinstance(module, nn.Sequential):
+            items = list(module)
+            for i in range(len(items) - 1):
+                if isinstance(items[i], nn.Conv2d) and isinstance(items[i + 1], nn.BatchNorm2d):
+                    module[i] = fuse_conv_bn_eval(items[i], items[i + 1])
+                    module[i + 1] = nn.Identity()
+        for name, child in list(module.named_children()):
+            if name.startswith("conv") and isinstance(child, nn.Conv2d):
+                bn = getattr(module, "bn" + name[len("conv"):], None)
+                if isinstance(bn, nn.BatchNorm2d):
+                    setattr(module, name, fuse_conv_bn_eval(child, bn))
+                    setattr(module, "bn" + name[len("conv"):], nn.Identity())
+    return fused
+
+
 def fp32_rounding_error(model: torch.nn.Module, images: torch.Tensor) -> float:
     """Max |logits in float32 − logits in float64| of ``model`` over ``images`` (one at a time)."""
     double = copy.deepcopy(model).double().eval()
@@ -170,8 +201,8 @@ def _build_model(opts: MultiScaleExportOptions):
     notes: list[str] = []
     if opts.checkpoint is not None:
         log.info("loading %s…", opts.checkpoint)
-        load_segmenter_state(model, opts.checkpoint,
-                             hint=f" (built as --preset {opts.preset} --fusion {opts.fusion}; was it trained as another?)")
+        hint = f" (built as --preset {opts.preset} --fusion {opts.fusion}; was it trained as another?)"
+        load_segmenter_state(model, opts.checkpoint, hint=hint)
     elif opts.backbone_weights is not None:
         notes.append("no --checkpoint: the ResNet comes from --backbone-weights but the scale fusion, decoder and "
                      "head are UNTRAINED (random weights): masks are meaningless")
@@ -196,7 +227,8 @@ def build_plan(opts: MultiScaleExportOptions) -> ExportPlan:
                  rounding, fp32_tol, FP32_MAX_ABS)
     part = Part(
         name="segmenter",
-        module=model,
+        module=fuse_batchnorm(model),
+        reference=model,  # parity against the model as trained (BatchNorm unfolded)
         io=PartIO(inputs=(TensorSpec("images", "float32", (1, 3, size, size)),),
                   outputs=(TensorSpec("logits", "float32", (1, 1, size, size)),)),
         make_inputs=lambda x: (x,),

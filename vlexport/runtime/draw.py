@@ -27,8 +27,9 @@ def class_color(class_id: int) -> tuple[int, int, int]:
 
 
 def draw_detections(bgr: np.ndarray, detections: Detections, line_width: int | None = None) -> np.ndarray:
-    """A copy of ``bgr`` with each detection's box and a filled "label score" tag drawn on it,
-    and its mask tinted in the class colour when the detections have masks."""
+    """A copy of ``bgr`` with each detection's box and a filled "label score" tag drawn on it
+    ("#id label score" when the detections carry track ids), and its mask tinted in the class
+    colour when the detections have masks."""
     check_image(bgr)
     img = bgr.copy()
     h, w = img.shape[:2]
@@ -37,11 +38,15 @@ def draw_detections(bgr: np.ndarray, detections: Detections, line_width: int | N
     lw = line_width or max(round((h + w) / 2 * 0.003), 2)
     font_scale = lw / 3
     font_thick = max(lw - 1, 1)
-    for box, score, cid, label in zip(detections.boxes, detections.scores, detections.class_ids, detections.labels):
+    ids = detections.track_ids if detections.track_ids is not None else np.full(len(detections), -1, np.int64)
+    for box, score, cid, label, tid in zip(
+        detections.boxes, detections.scores, detections.class_ids, detections.labels, ids
+    ):
         color = class_color(int(cid))
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
         cv2.rectangle(img, (x1, y1), (x2, y2), color, lw, cv2.LINE_AA)
-        text = f"{label} {float(score):.2f}"
+        # "#7 car 0.91" for a tracked detection; untracked ones (-1) keep the plain tag.
+        text = f"#{int(tid)} {label} {float(score):.2f}" if tid >= 0 else f"{label} {float(score):.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, font_thick)
         # Tag above the box, or inside it when the box touches the top edge.
         outside = y1 - th - base >= 0

@@ -42,6 +42,8 @@ class Detections:
 
     ``masks``, for models that segment their detections (DETR's mask head), is a bool
     ``[K, H, W]`` array in source-image pixels, one mask per detection; None otherwise.
+    ``track_ids``, set by a tracker (:mod:`vlexport.runtime.tracking`), is an int64 ``[K]`` array
+    of ids that stay the same for one object across frames (-1: not tracked); None otherwise.
     """
 
     boxes: np.ndarray
@@ -50,6 +52,7 @@ class Detections:
     labels: list[str] = field(default_factory=list)
     stamp: FrameStamp | None = None
     masks: np.ndarray | None = None
+    track_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.boxes = _as_array("boxes", self.boxes, np.float32, "[K, 4]")
@@ -81,6 +84,13 @@ class Detections:
             if masks.ndim != 3 or masks.shape[0] != k:
                 raise ValueError(f"masks: got shape {tuple(masks.shape)}, expected ({k}, H, W)")
             self.masks = masks
+        if self.track_ids is not None:
+            ids = np.asarray(self.track_ids)
+            if ids.size and ids.dtype.kind not in "iu":
+                raise ValueError(f"track_ids: got dtype {ids.dtype}, expected an integer array")
+            self.track_ids = np.ascontiguousarray(ids, dtype=np.int64)
+            if self.track_ids.shape != (k,):
+                raise ValueError(f"track_ids: got shape {tuple(self.track_ids.shape)}, expected ({k},)")
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -90,8 +100,8 @@ class Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64), [], stamp)
 
     def records(self) -> list[dict[str, Any]]:
-        """One JSON-safe dict per detection: box (rounded), score, class_id, label, and
-        ``mask_area`` (pixels in its mask) when there are masks."""
+        """One JSON-safe dict per detection: box (rounded), score, class_id, label,
+        ``mask_area`` (pixels in its mask) when there are masks, and ``track_id`` when tracked."""
         boxes = np.round(self.boxes.astype(np.float64), _DECIMALS).tolist()
         scores = np.round(self.scores.astype(np.float64), _SCORE_DECIMALS).tolist()
         out = [
@@ -101,6 +111,9 @@ class Detections:
         if self.masks is not None:
             for rec, area in zip(out, self.masks.sum(axis=(1, 2)).tolist()):
                 rec["mask_area"] = int(area)
+        if self.track_ids is not None:
+            for rec, tid in zip(out, self.track_ids.tolist()):
+                rec["track_id"] = int(tid)
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ since the last job started) and the worker is idle, the frame is handed over and
 on at once. :meth:`~BackgroundTask.poll` returns a finished result (with the frame it was computed
 on) the next time the loop asks. A due frame that arrives while the worker is busy is not
 queued: the next due frame after the worker frees up is taken instead, so results are never about
-stale frames. onnxruntime releases the GIL while it runs, so the worker computes in parallel.
+stale frames (``offer(..., block=True)`` waits instead, for files whose schedule must hold exactly). onnxruntime releases the GIL while it runs, so the worker computes in parallel.
 """
 
 from __future__ import annotations
@@ -64,12 +64,22 @@ class BackgroundTask:
             return index - self._last_start_index >= self.every_frames
         return t - self._last_start_t >= self.every_s  # type: ignore[operator]
 
-    def offer(self, index: int, image: np.ndarray, t: float, stamp: Any = None) -> bool:
-        """Hand ``image`` over if the task is due and idle; returns whether a job started. Never blocks on the job."""
+    def offer(self, index: int, image: np.ndarray, t: float, stamp: Any = None, *, block: bool = False) -> bool:
+        """Hand ``image`` over if the task is due and idle; returns whether a job started.
+
+        A live stream never blocks on the job (a due frame that finds the worker busy is passed
+        over); ``block=True`` (offline files, where the schedule must hold exactly) waits for
+        the worker to be free instead.
+        """
         self._raise_error()
         if not self._due(index, t):
             return False
         with self._cond:
+            if self._busy and block:
+                self._cond.wait_for(lambda: not self._busy or self._error is not None)
+                if self._error is not None:
+                    err, self._error = self._error, None
+                    raise err
             if self._busy:
                 self.skipped_busy += 1
                 return False

@@ -1,30 +1,25 @@
-"""Frame sources, result sinks and the detect-on-a-stream loop.
+"""Result sinks and :func:`run_on_source`, the one-call front to :class:`~vlexport.runtime.pipeline.Pipeline`.
 
-Sources (:func:`open_source`): an image file, a folder of images, a glob pattern, a video file, a
-camera index or an rtsp/http(s) URL, each yielding :class:`Frame` objects with acquisition
-timestamps. Sinks (:class:`VideoSink`, :class:`JsonlSink`) write to a temporary file beside the
-target and rename it into place on :meth:`close`, so a reader never sees a half-written file.
-:func:`run_on_source` ties a detect task, a source and the sinks together.
+Sources live in :mod:`vlexport.runtime.sources` (re-exported here). Sinks (:class:`VideoSink`,
+:class:`JsonlSink`, :class:`ImageSink`) write to a temporary file beside the target and rename it
+into place on :meth:`close`, so a reader never sees a half-written file; :class:`AnnotatedSink`,
+:class:`RecordSink` and :class:`WindowSink` adapt them (and a window) to the pipeline's frame results.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from vlexport.errors import OutputError, SourceError, UsageError
-from vlexport.runtime.results import FrameStamp
+from vlexport.errors import OutputError, UsageError
 
 __all__ = [
     "Frame",
@@ -36,179 +31,24 @@ __all__ = [
     "JsonlSink",
     "ImageSink",
     "open_frame_sink",
-    "RunStats",
+    "AnnotatedSink",
+    "RecordSink",
+    "WindowSink",
+    "annotate",
     "run_on_source",
     "IMAGE_EXTS",
 ]
 
 log = logging.getLogger("vlexport")
 
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pbm", ".pgm", ".ppm"})
-_URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
-_GLOB_CHARS = set("*?[")
-_DEFAULT_FPS = 30.0
-
-
-@dataclass
-class Frame:
-    """One frame: its position in the source, the BGR uint8 image, when it was read, and from where."""
-
-    index: int
-    image: np.ndarray
-    stamp: FrameStamp
-    source: str
-
-
-def _stamp(index: int) -> FrameStamp:
-    return FrameStamp(index=index, t_monotonic=time.monotonic(), t_wall=time.time())
-
-
-def _imread(path: Path) -> np.ndarray | None:
-    """Read an image as BGR uint8 (None if it cannot be decoded); works with non-ASCII paths."""
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError:
-        return None
-    if data.size == 0:
-        return None
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    return img
-
-
-# -- sources ---------------------------------------------------------------------------------
-class Source:
-    """An iterable of :class:`Frame`. Use as a context manager, or call :meth:`close`."""
-
-    #: What the user asked for, as given.
-    spec: str
-    #: Nominal frame rate (the video's, or a default for images and unknown streams).
-    fps: float = _DEFAULT_FPS
-    #: True for cameras and streams (no end, no length).
-    live: bool = False
-
-    def __init__(self) -> None:
-        self.skipped = 0  # unreadable items passed over
-
-    def __iter__(self) -> Iterator[Frame]:
-        raise NotImplementedError
-
-    def len_hint(self) -> int | None:
-        """Number of frames (or files) expected, for progress bars; None when unknown."""
-        return None
-
-    def close(self) -> None:
-        """Release the source (idempotent)."""
-
-    def __enter__(self) -> Source:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec!r})"
-
-
-class ImageSource(Source):
-    """Still images, in the given order; unreadable ones are logged, counted and skipped."""
-
-    def __init__(self, paths: list[Path], spec: str, fps: float = _DEFAULT_FPS):
-        super().__init__()
-        self.paths = list(paths)
-        self.spec = spec
-        self.fps = fps
-
-    def __iter__(self) -> Iterator[Frame]:
-        for i, path in enumerate(self.paths):
-            img = _imread(path)
-            if img is None:
-                self.skipped += 1
-                log.warning("skipping %s: not a readable image", path)
-                continue
-            yield Frame(index=i, image=img, stamp=_stamp(i), source=str(path))
-
-    def len_hint(self) -> int | None:
-        return len(self.paths)
-
-
-class CaptureSource(Source):
-    """A video file, camera or network stream read with ``cv2.VideoCapture``, frame by frame."""
-
-    def __init__(self, target: str | int, spec: str, live: bool):
-        super().__init__()
-        self.spec = spec
-        self.live = live
-        self._target = target
-        self._cap: Any = cv2.VideoCapture(target)
-        if not self._cap.isOpened():
-            self._cap.release()
-            kind = "camera" if isinstance(target, int) else ("stream" if live else "video file")
-            raise SourceError(f"cannot open {kind} {spec!r}: OpenCV could not read it")
-        fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        self.fps = fps if 0.0 < fps < 1000.0 else _DEFAULT_FPS
-        count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        self._count = count if (count > 0 and not live) else None
-
-    def __iter__(self) -> Iterator[Frame]:
-        if self._cap is None:
-            raise SourceError(f"source {self.spec!r} is closed")
-        index = 0
-        while True:
-            ok, img = self._cap.read()
-            if not ok or img is None:
-                break
-            yield Frame(index=index, image=img, stamp=_stamp(index), source=self.spec)
-            index += 1
-
-    def len_hint(self) -> int | None:
-        return self._count
-
-    def close(self) -> None:
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
-
-
-def open_source(spec: str | int | os.PathLike) -> Source:
-    """Open a frame source; a missing or unreadable one is a SourceError naming it.
-
-    ``spec`` is an image file, a folder of images (sorted by name), a glob pattern, a video file,
-    a camera index (``"0"``) or an rtsp/http(s) URL.
-    """
-    if isinstance(spec, bool) or not isinstance(spec, (str, int, os.PathLike)):
-        raise SourceError(f"invalid source {spec!r}: give a path, a glob, a camera index or a URL")
-    if isinstance(spec, int):
-        return CaptureSource(spec, str(spec), live=True)
-    text = os.fspath(spec)
-    if not isinstance(text, str) or not text:
-        raise SourceError(f"empty or invalid source {spec!r}")
-    if text.isdigit():
-        return CaptureSource(int(text), text, live=True)
-    if text.lower().startswith(_URL_SCHEMES):
-        return CaptureSource(text, text, live=True)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-        if not files:
-            raise SourceError(f"source folder {text!r} has no images ({', '.join(sorted(IMAGE_EXTS))})")
-        return ImageSource(files, text)
-    if path.is_file():
-        if path.suffix.lower() in IMAGE_EXTS:
-            # A single image is the whole source: an unreadable one is an error, not a skip.
-            if _imread(path) is None:
-                raise SourceError(f"cannot read image {text!r}: not a valid image file")
-            return ImageSource([path], text)
-        return CaptureSource(str(path), text, live=False)
-    if _GLOB_CHARS & set(text):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))
-        files = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
-        if not files:
-            raise SourceError(f"glob pattern {text!r} matches no images")
-        return ImageSource(files, text)
-    raise SourceError(
-        f"source not found: {text!r} (expected an image, a folder of images, a glob pattern, "
-        "a video file, a camera index or an rtsp/http URL)"
-    )
+from vlexport.runtime.sources import (  # noqa: E402  (moved to sources.py; re-exported here)
+    IMAGE_EXTS,
+    CaptureSource,
+    Frame,
+    ImageSource,
+    Source,
+    open_source,
+)
 
 
 # -- sinks -----------------------------------------------------------------------------------
@@ -391,74 +231,73 @@ def open_frame_sink(path: str | os.PathLike, fps: float) -> VideoSink | ImageSin
 
 
 # -- the loop --------------------------------------------------------------------------------
-_STAGES = ("preprocess", "infer", "postprocess")
+# -- pipeline sinks ---------------------------------------------------------------------------
+def annotate(image: np.ndarray, latest: dict[str, Any]) -> np.ndarray:
+    """Draw the latest results on a copy of ``image``: mask overlay, then boxes, then the caption band."""
+    from vlexport.runtime.draw import draw_caption, draw_detections
+    from vlexport.runtime.segmentation import draw_segmentation
+
+    out = image
+    kinds = {type(r).__name__: r for r in latest.values()}
+    if "Segmentation" in kinds:
+        out = draw_segmentation(out, kinds["Segmentation"])
+    for r in latest.values():
+        if type(r).__name__ == "Detections":
+            out = draw_detections(out, r)
+    if "Caption" in kinds:
+        out = draw_caption(out, kinds["Caption"])
+    return out if out is not image else image.copy()
 
 
-@dataclass
-class RunStats:
-    """What a run did: frames processed, wall time, throughput and per-stage latency percentiles (ms)."""
+class AnnotatedSink:
+    """Pipeline sink: each frame with its latest results drawn, into a :class:`VideoSink` or :class:`ImageSink`."""
 
-    frames: int = 0
-    seconds: float = 0.0
-    skipped: int = 0
-    interrupted: bool = False
-    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    def __init__(self, sink: VideoSink | ImageSink):
+        self.sink = sink
 
-    @property
-    def fps(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else 0.0
+    def write(self, result: Any) -> None:
+        self.sink.write(annotate(result.frame.image, result.latest))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "frames": self.frames,
-            "seconds": round(self.seconds, 4),
-            "fps": round(self.fps, 2),
-            "skipped": self.skipped,
-            "interrupted": self.interrupted,
-            "latency_ms": self.latency_ms,
-        }
+    def close(self) -> None:
+        self.sink.close()
 
-    def summary(self) -> str:
-        """One line for the console."""
-        parts = [f"{self.frames} frames in {self.seconds:.2f}s ({self.fps:.1f} FPS)"]
-        for stage, p in self.latency_ms.items():
-            parts.append(f"{stage} p50 {p['p50']:.1f} / p90 {p['p90']:.1f} / p99 {p['p99']:.1f} ms")
-        if self.skipped:
-            parts.append(f"{self.skipped} unreadable skipped")
-        if self.interrupted:
-            parts.append("interrupted")
-        return "; ".join(parts)
+    def abort(self) -> None:
+        self.sink.abort()
 
 
-def _percentiles(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for stage, values in samples.items():
-        if values:
-            p50, p90, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 90, 99])
-            out[stage] = {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
-    return out
+class RecordSink:
+    """Pipeline sink: one JSON record per frame (see ``FrameResult.record``) into a :class:`JsonlSink`."""
+
+    def __init__(self, sink: JsonlSink):
+        self.sink = sink
+
+    def write(self, result: Any) -> None:
+        self.sink.write(result.record())
+
+    def close(self) -> None:
+        self.sink.close()
+
+    def abort(self) -> None:
+        self.sink.abort()
 
 
-_STAMP_KEYS = ("frame", "t_monotonic", "t_wall")
+class WindowSink:
+    """Pipeline sink: an on-screen window (q or Esc asks the pipeline to stop)."""
 
+    def __init__(self, title: str, stop: Callable[[], None]):
+        _check_display()
+        self.title, self.stop, self.opened = title, stop, False
 
-def _task_adapter(task: Any) -> tuple[Callable, Callable, Callable[[Any], dict[str, Any]]]:
-    """(run one frame, draw its result, its JSONL fields) for a detect or a segment task.
+    def write(self, result: Any) -> None:
+        self.opened = True
+        if _show(annotate(result.frame.image, result.latest), self.title) == "quit":
+            self.stop()
 
-    A caption task has no per-frame result: it runs in the background (see ``run_on_source``).
-    """
-    if callable(getattr(task, "caption", None)):
-        return (lambda image, stamp: None), (lambda image, result: image), (lambda result: {})
-    if callable(getattr(task, "detect", None)):
-        from vlexport.runtime.draw import draw_detections
+    def close(self) -> None:
+        if self.opened:
+            _close_windows()
 
-        return task.detect, draw_detections, lambda r: {"detections": r.records()}
-    if callable(getattr(task, "segment", None)):
-        from vlexport.runtime.segmentation import draw_segmentation
-
-        return task.segment, draw_segmentation, lambda r: {
-            "segmentation": {k: v for k, v in r.to_dict().items() if k not in _STAMP_KEYS}}
-    raise UsageError(f"run_on_source needs a detect or segment task, got {type(task).__name__}")
+    abort = close
 
 
 def run_on_source(
@@ -474,129 +313,66 @@ def run_on_source(
     caption: Any = None,
     caption_every_s: float | None = 2.0,
     caption_every_frames: int | None = None,
-) -> RunStats:
-    """Run a detect or segment task over every frame of ``source``; returns :class:`RunStats`.
+    segment: Any = None,
+    segment_every: int = 1,
+    tracker: Any = None,
+):
+    """Run a task (detect, segment or caption) over ``source`` with the sinks asked for; returns the stats.
 
+    A thin front to :class:`vlexport.runtime.pipeline.Pipeline`: ``task`` runs on every frame
+    (a caption task on its schedule), ``segment=``/``caption=`` add tasks at their own rates.
     ``save`` writes an annotated video (an annotated image when ``save`` has an image suffix and
     the source is one image), ``jsonl`` one record per frame (``frame``, ``t_monotonic``,
-    ``t_wall``, ``source``, then ``detections`` or ``segmentation``); ``show`` opens a window (q or Esc stops);
-    ``max_frames`` stops early; ``on_result(frame, detections)`` is called after each frame is
-    written. On KeyboardInterrupt the loop stops reading, closes the outputs so that they are
-    complete (the frames done so far), and re-raises with the stats attached as ``.stats``; on any
-    other error the outputs are discarded.
-
-    Captioning (``task`` itself a caption task, or ``caption=`` one beside a detect/segment task)
-    runs on a background thread every ``caption_every_s`` seconds of acquisition time (or every
-    ``caption_every_frames`` frames) without holding the stream up: each caption goes into the
-    JSONL record of the frame during which it finished, as ``caption`` with the ``frame`` index it
-    was computed on, and the latest caption is drawn on every following frame.
+    ``t_wall``, ``source``, then ``detect``/``segment``/``caption`` results computed on that
+    frame); ``show`` opens a window (q or Esc stops); ``max_frames`` stops early;
+    ``on_result(frame, result)`` gets the main task's result (``None`` on frames it did not run).
+    On KeyboardInterrupt the outputs are closed complete (the frames done so far) and the
+    exception re-raised with ``.stats``; on any other error the outputs are discarded.
     """
-    if callable(getattr(task, "caption", None)):
-        caption = task
-    infer, draw, record_of = _task_adapter(task)
-    background = None
-    if caption is not None:
-        from vlexport.runtime.schedule import BackgroundTask
+    from vlexport.runtime.pipeline import Pipeline, task_kind
 
-        background = BackgroundTask(caption.caption, every_s=None if caption_every_frames else caption_every_s,
-                                    every_frames=caption_every_frames, name="caption")
-    latest_caption = None
     if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
         raise UsageError(f"max_frames must be a positive integer, got {max_frames!r}")
+    kind = task_kind(task)
+    roles: dict[str, Any] = {"detect": None, "segment": segment, "caption": caption}
+    if roles[kind] is not None:
+        raise UsageError(f"two {kind} tasks given; pass the second one as a TaskSlot to Pipeline")
+    roles[kind] = task
     if show:
         _check_display()
     src = source if isinstance(source, Source) else open_source(source)
-    sinks: list[_AtomicSink] = []
-    stats = RunStats()
-    samples: dict[str, list[float]] = {s: [] for s in _STAGES}
-    bar = None
-    window = None
+    sinks: list[Any] = []
     try:
         if save is not None and Path(save).suffix.lower() in IMAGE_EXTS and src.len_hint() != 1:
             raise UsageError(
                 f"--save {save} is an image path but the source {src.spec!r} has more than one frame; "
                 "give a video path such as out.mp4"
             )
-        frame_sink = open_frame_sink(save, fps=src.fps) if save is not None else None
-        if frame_sink is not None:
-            sinks.append(frame_sink)
-        jsonl_sink = JsonlSink(jsonl) if jsonl is not None else None
-        if jsonl_sink is not None:
-            sinks.append(jsonl_sink)
-        total = src.len_hint()
-        if max_frames is not None:
-            total = max_frames if total is None else min(total, max_frames)
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="frame", desc=Path(str(src.spec)).name or str(src.spec), dynamic_ncols=True)
-        t_start = time.perf_counter()
-        try:
-            for frame in src:
-                new_caption = None
-                if background is not None:
-                    background.offer(frame.index, frame.image, frame.stamp.t_monotonic, frame.stamp)
-                dets = infer(frame.image, frame.stamp)
-                for stage in _STAGES:
-                    if task is not caption and stage in task.timings:
-                        samples[stage].append(float(task.timings[stage]))
-                if background is not None:
-                    if task is caption and background.busy:
-                        background.wait()  # a caption-only run on a file: nothing else to overlap with
-                    done = background.poll()
-                    if done is not None:
-                        new_caption = latest_caption = done.result
-                annotated = draw(frame.image, dets) if (frame_sink is not None or show) else frame.image
-                if latest_caption is not None and (frame_sink is not None or show):
-                    from vlexport.runtime.draw import draw_caption
-
-                    annotated = draw_caption(annotated, latest_caption)
-                if frame_sink is not None:
-                    frame_sink.write(annotated)
-                if jsonl_sink is not None:
-                    record = {**frame.stamp.to_dict(), "source": frame.source, **record_of(dets)}
-                    if new_caption is not None:
-                        fields = new_caption.to_dict()  # its stamp says which frame it was computed on
-                        record["caption"] = {"text": fields.pop("caption"), **fields}
-                    jsonl_sink.write(record)
-                stats.frames += 1
-                if bar is not None:
-                    bar.update(1)
-                if on_result is not None:
-                    on_result(frame, dets)
-                if show:
-                    window = _show(annotated, src.spec)
-                    if window == "quit":
-                        break
-                if max_frames is not None and stats.frames >= max_frames:
-                    break
-        finally:
-            stats.seconds = time.perf_counter() - t_start
-            stats.skipped = src.skipped
-            stats.latency_ms = _percentiles(samples)
-    except KeyboardInterrupt as e:
-        stats.interrupted = True
-        for sink in sinks:
+        if save is not None:
+            sinks.append(AnnotatedSink(open_frame_sink(save, fps=src.fps)))
+        if jsonl is not None:
+            sinks.append(RecordSink(JsonlSink(jsonl)))
+        callback = None
+        if on_result is not None:
+            callback = lambda fr: on_result(fr.frame, fr.results.get(kind))  # noqa: E731
+        pipe = Pipeline(src, detect=roles["detect"], segment=roles["segment"], caption=roles["caption"],
+                        segment_every=1 if kind == "segment" else segment_every, caption_every_s=caption_every_s,
+                        caption_every_frames=caption_every_frames, sinks=sinks, on_result=callback,
+                        tracker=tracker, max_frames=max_frames)
+        if show:
+            sinks.append(WindowSink(str(src.spec), pipe.stop))
+        return pipe.run(progress=progress)
+    except KeyboardInterrupt:
+        for sink in sinks:  # complete files with what was done (idempotent: the pipeline closed its own)
             sink.close()
-        e.stats = stats  # type: ignore[attr-defined]  # lets the CLI print what was done
         raise
     except BaseException:
         for sink in sinks:
             sink.abort()
         raise
-    else:
-        for sink in sinks:
-            sink.close()
     finally:
-        if background is not None:
-            background.close()
-        if bar is not None:
-            bar.close()
-        if window is not None:
-            _close_windows()
         if not isinstance(source, Source):
             src.close()
-    return stats
 
 
 def _check_display() -> None:

@@ -1,0 +1,527 @@
+"""Several tasks on one stream, with decoding, inference and output overlapped.
+
+A :class:`Pipeline` reads a source, runs its tasks on the frames at their own rates and hands
+each frame, with the results computed on it, to its sinks, a callback or a generator::
+
+    pipe = Pipeline("traffic.mp4", detect=load("bundles/yolo"), segment=load("bundles/seg"),
+                    caption=load("bundles/cap"), segment_every=5, caption_every_s=2.0)
+    for r in pipe:                       # in frame order
+        r.frame.index, r.results.get("detect"), r.latest.get("caption")
+
+Stages and threads (onnxruntime and OpenCV release the GIL, so threads overlap for real; the
+benchmarks compare this with a sequential loop):
+
+* **decode** — a file is decoded one frame ahead on a prefetch thread (bounded queue, nothing
+  dropped); a live source has its own reader thread that keeps only the newest frame.
+* **inference** — the loop thread runs the every-frame tasks inline; a task scheduled less often
+  (every k frames or every N seconds) runs on its own worker (:class:`BackgroundTask`) so it never
+  holds the others up.
+* **output** — an output thread draws and writes each frame. A frame with a background job in
+  flight waits there (later frames keep flowing through inference) until the job's result comes
+  back, so every result is attached to the frame it was computed on, in frame order.
+
+Statistics (:class:`PipelineStats`): frames read, processed and dropped, FPS, and p50/p90/p99
+latencies of decode, pre-process, inference, post-process and end to end (acquisition to the
+result leaving the output stage).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vlexport.errors import UsageError
+from vlexport.runtime.schedule import BackgroundTask
+
+log = logging.getLogger("vlexport")
+
+__all__ = ["Pipeline", "TaskSlot", "FrameResult", "PipelineStats", "task_kind"]
+
+_STAGES = ("decode", "preprocess", "infer", "postprocess", "end_to_end")
+_TASK_STAGES = ("preprocess", "infer", "postprocess")
+_END = object()
+
+
+def task_kind(task: Any) -> str:
+    """``"detect"``, ``"segment"`` or ``"caption"``: which method a task object offers."""
+    for kind in ("caption", "detect", "segment"):
+        if callable(getattr(task, kind, None)):
+            return kind
+    raise UsageError(f"{type(task).__name__} has no detect, segment or caption method")
+
+
+@dataclass
+class TaskSlot:
+    """One task on the stream: every frame (``every_frames=1``), every k frames, or every N seconds."""
+
+    name: str
+    task: Any
+    every_frames: int | None = 1
+    every_s: float | None = None
+
+    def __post_init__(self) -> None:
+        self.kind = task_kind(self.task)
+        if self.every_s is not None:
+            self.every_frames = None
+        if self.every_frames is None and self.every_s is None:
+            raise UsageError(f"task {self.name!r}: give every_frames or every_s")
+        if self.every_frames is not None and self.every_frames < 1:
+            raise UsageError(f"task {self.name!r}: every_frames must be at least 1, got {self.every_frames}")
+        if self.every_s is not None and self.every_s < 0:
+            raise UsageError(f"task {self.name!r}: every_s must be zero or positive, got {self.every_s}")
+
+    @property
+    def inline(self) -> bool:
+        """Every-frame tasks run in the inference loop; the others on a worker of their own."""
+        return self.every_frames == 1
+
+
+@dataclass
+class FrameResult:
+    """One frame leaving the pipeline.
+
+    ``results`` holds what was computed on this very frame (task name → Detections,
+    Segmentation or Caption); ``latest`` the most recent result of every task at this point of
+    the stream (what an overlay shows); ``timings`` the frame's stage latencies in ms.
+    """
+
+    frame: Any
+    results: dict[str, Any]
+    latest: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def index(self) -> int:
+        return int(self.frame.index)
+
+    def record(self) -> dict[str, Any]:
+        """The JSONL record: index, timestamps, source, then each task's result that ran on this frame
+        (``detections``, ``segmentation``, ``caption``; a custom task under its own name)."""
+        rec: dict[str, Any] = {**self.frame.stamp.to_dict(), "source": self.frame.source}
+        for name, result in self.results.items():
+            rec[_RECORD_KEYS.get(name, name)] = _result_fields(result)
+        return rec
+
+
+_STAMP_KEYS = ("frame", "t_monotonic", "t_wall")
+_RECORD_KEYS = {"detect": "detections", "segment": "segmentation", "caption": "caption"}
+
+
+def _result_fields(result: Any) -> Any:
+    kind = type(result).__name__
+    if kind == "Detections":
+        return result.records()
+    fields = {k: v for k, v in result.to_dict().items() if k not in _STAMP_KEYS}
+    if kind == "Caption":
+        fields = {"text": fields.pop("caption"), **fields}
+    return fields
+
+
+@dataclass
+class PipelineStats:
+    """What a run did (see the module docstring); ``to_dict`` is its JSON form."""
+
+    read: int = 0
+    processed: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    reconnects: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def frames(self) -> int:  # the name RunStats users know
+        return self.processed
+
+    @property
+    def fps(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frames_read": self.read, "frames_processed": self.processed, "frames_dropped": self.dropped,
+                "skipped": self.skipped, "reconnects": self.reconnects, "seconds": round(self.seconds, 4),
+                "fps": round(self.fps, 2), "interrupted": self.interrupted, "latency_ms": self.latency_ms,
+                "tasks": self.tasks}
+
+    def summary(self) -> str:
+        """A few lines for the console."""
+        head = (f"{self.processed} frames processed in {self.seconds:.2f}s ({self.fps:.1f} FPS); "
+                f"read {self.read}, dropped {self.dropped}")
+        if self.skipped:
+            head += f", {self.skipped} unreadable skipped"
+        if self.reconnects:
+            head += f", {self.reconnects} reconnect(s)"
+        if self.interrupted:
+            head += "; interrupted"
+        lines = [head]
+        for stage, p in self.latency_ms.items():
+            lines.append(f"  {stage:<12} p50 {p['p50']:8.1f}  p90 {p['p90']:8.1f}  p99 {p['p99']:8.1f} ms")
+        for name, t in self.tasks.items():
+            lines.append(f"  task {name}: ran {t['runs']}x" + (f", {t['skipped_busy']} due frame(s) passed over while "
+                                                                "busy" if t.get("skipped_busy") else ""))
+        return "\n".join(lines)
+
+
+def percentiles(samples: Mapping[str, list[float]]) -> dict[str, dict[str, float]]:
+    """p50/p90/p99 of every non-empty sample list, rounded to µs."""
+    out: dict[str, dict[str, float]] = {}
+    for stage, values in samples.items():
+        if values:
+            p50, p90, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 90, 99])
+            out[stage] = {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
+    return out
+
+
+class _Prefetch:
+    """Decodes a file source one step ahead on a thread (bounded: nothing is dropped)."""
+
+    def __init__(self, source: Any, depth: int, decode_ms: list[float]):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._source = source
+        self._decode_ms = decode_ms
+        self._thread = threading.Thread(target=self._run, name="vlexport-decode", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        it = iter(self._source)
+        try:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    frame = next(it)
+                except StopIteration:
+                    break
+                self._decode_ms.append((time.perf_counter() - t0) * 1000.0)
+                if not self._put(frame):
+                    return
+        except BaseException as e:  # surfaced in the loop thread
+            self._put(e)
+            return
+        self._put(_END)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Pipeline:
+    """Run detection, segmentation and captioning (any of them) on one source; see the module doc.
+
+    Args:
+        source: a spec for :func:`vlexport.runtime.sources.open_source` or an open source.
+        tasks: extra or explicit :class:`TaskSlot` s; ``detect``/``segment``/``caption`` are shortcuts
+            (detect every frame, segment every ``segment_every`` frames, caption every
+            ``caption_every_s`` seconds of acquisition time or every ``caption_every_frames``).
+        sinks: objects with ``write(FrameResult)`` and ``close()``/``abort()`` (see ``video.py``).
+        on_result: called with each :class:`FrameResult` on the output thread.
+        tracker: an object with ``update(Detections) -> Detections`` applied to ``detect`` results.
+        max_frames: stop after this many frames.
+        prefetch: frames decoded ahead for file sources.
+        max_pending: most frames held while background results are awaited (the stream waits beyond).
+    """
+
+    def __init__(self, source: Any, *, detect: Any = None, segment: Any = None, caption: Any = None,
+                 segment_every: int = 1, caption_every_s: float | None = 2.0, caption_every_frames: int | None = None,
+                 tasks: list[TaskSlot] | None = None, sinks: list[Any] | None = None,
+                 on_result: Callable[[FrameResult], None] | None = None, tracker: Any = None,
+                 max_frames: int | None = None, prefetch: int = 4, max_pending: int = 256):
+        slots = list(tasks or [])
+        if detect is not None:
+            slots.insert(0, TaskSlot("detect", detect))
+        if segment is not None:
+            slots.append(TaskSlot("segment", segment, every_frames=segment_every))
+        if caption is not None:
+            slots.append(TaskSlot("caption", caption, every_frames=caption_every_frames,
+                                  every_s=None if caption_every_frames else caption_every_s))
+        if not slots:
+            raise UsageError("a pipeline needs at least one task (detect, segment or caption)")
+        names = [s.name for s in slots]
+        if len(set(names)) != len(names):
+            raise UsageError(f"task names must be unique, got {names}")
+        if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
+            raise UsageError(f"max_frames must be a positive integer, got {max_frames!r}")
+        self.slots = slots
+        self.source_spec = source
+        self.sinks = list(sinks or [])
+        self.on_result = on_result
+        self.tracker = tracker
+        self.max_frames = max_frames
+        self.prefetch = prefetch
+        self.max_pending = max_pending
+        self.stats = PipelineStats()
+        self._stop = threading.Event()
+
+    # -- frame by frame (a robot's own loop) ----------------------------------------------
+    def process(self, image: np.ndarray, stamp: Any = None, *, wait: bool = True) -> dict[str, Any]:
+        """Run every task on one frame now and return ``{task name: result}`` (no threads, no sinks).
+
+        For a loop that owns its frames (a ROS callback, a robot's control loop). Tasks
+        scheduled less often are the caller's business here: call this with what is due.
+        """
+        out = {}
+        for slot in self.slots:
+            result = getattr(slot.task, slot.kind)(image, stamp)
+            if slot.kind == "detect" and self.tracker is not None:
+                result = self.tracker.update(result)
+            out[slot.name] = result
+        return out
+
+    def stop(self) -> None:
+        """Ask a running pipeline to finish after the current frame (thread-safe)."""
+        self._stop.set()
+
+    # -- streaming ------------------------------------------------------------------------
+    def run(self, progress: bool = False) -> PipelineStats:
+        """Process the whole source (or ``max_frames``); returns the statistics.
+
+        Ctrl-C stops reading, flushes every frame already processed through the output stage,
+        closes the sinks (complete files) and re-raises with ``.stats`` attached.
+        """
+        for _ in self._stream(progress=progress, collect=False):
+            pass
+        return self.stats
+
+    def __iter__(self) -> Iterator[FrameResult]:
+        """Frame results in order, as the output stage emits them."""
+        return self._stream(progress=False, collect=True)
+
+    def _stream(self, progress: bool, collect: bool) -> Iterator[FrameResult]:
+        from vlexport.runtime.sources import Source, open_source
+
+        src = self.source_spec if isinstance(self.source_spec, Source) else open_source(self.source_spec)
+        own_source = not isinstance(self.source_spec, Source)
+        samples: dict[str, list[float]] = {s: [] for s in _STAGES}
+        out_q: queue.Queue = queue.Queue(maxsize=self.max_pending)
+        results_q: queue.Queue = queue.Queue()
+        workers = {s.name: BackgroundTask(getattr(s.task, s.kind), every_frames=s.every_frames, every_s=s.every_s,
+                                          name=s.name) for s in self.slots if not s.inline}
+        output = _OutputStage(self, out_q, results_q if collect else None, workers, samples)
+        live = bool(getattr(src, "live", False))
+        frames = src if live else _Prefetch(src, self.prefetch, samples["decode"])
+        bar = _progress_bar(src, self.max_frames) if progress else None
+        t_start = time.perf_counter()
+        failed: BaseException | None = None
+        try:
+            output.start()
+            n = 0
+            for frame in frames:
+                if self._stop.is_set():
+                    break
+                jobs: list[str] = []
+                for name, worker in workers.items():
+                    # Files keep the schedule exactly (wait for a busy worker); live streams never wait.
+                    if worker.offer(frame.index, frame.image, frame.stamp.t_monotonic, frame.stamp, block=not live):
+                        jobs.append(name)
+                results, timing = {}, {s: 0.0 for s in _TASK_STAGES}
+                for slot in self.slots:
+                    if not slot.inline:
+                        continue
+                    result = getattr(slot.task, slot.kind)(frame.image, frame.stamp)
+                    if slot.kind == "detect" and self.tracker is not None:
+                        result = self.tracker.update(result)
+                    results[slot.name] = result
+                    for s in _TASK_STAGES:
+                        timing[s] += float(getattr(slot.task, "timings", {}).get(s, 0.0))
+                for s in _TASK_STAGES:
+                    samples[s].append(timing[s])
+                output.put(frame, results, jobs, timing)
+                n += 1
+                if bar is not None:
+                    bar.update(1)
+                if collect:
+                    yield from _drain(results_q)
+                output.raise_error()
+                if self.max_frames is not None and n >= self.max_frames:
+                    break
+        except GeneratorExit:  # the consumer stopped iterating: a normal end (finally closes the sinks)
+            return
+        except KeyboardInterrupt as e:
+            self.stats.interrupted = True
+            output.finish(abort=False)
+            self._finalize(src, samples, t_start, workers, output)
+            e.stats = self.stats  # type: ignore[attr-defined]
+            raise
+        except BaseException as e:
+            failed = e
+            output.finish(abort=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if not live:
+                frames.close()  # type: ignore[union-attr]
+            if failed is None and not self.stats.interrupted:
+                output.finish(abort=False)
+            if not self.stats.interrupted:
+                self._finalize(src, samples, t_start, workers, output)
+            for w in workers.values():
+                w.close()
+            if own_source:
+                src.close()
+        if failed is None:
+            output.raise_error()
+        if collect:
+            yield from _drain(results_q)
+
+    def _finalize(self, src: Any, samples: dict[str, list[float]], t_start: float, workers: dict[str, Any],
+                  output: _OutputStage) -> None:
+        st = self.stats
+        st.seconds = time.perf_counter() - t_start
+        st.processed = output.emitted
+        st.read = int(getattr(src, "frames_read", st.processed))
+        st.dropped = int(getattr(src, "dropped", 0))
+        st.skipped = int(getattr(src, "skipped", 0))
+        st.reconnects = int(getattr(src, "reconnects", 0))
+        st.latency_ms = percentiles(samples)
+        for slot in self.slots:
+            w = workers.get(slot.name)
+            st.tasks[slot.name] = {"kind": slot.kind, "every_frames": slot.every_frames, "every_s": slot.every_s,
+                                   "runs": w.started if w is not None else st.processed,
+                                   "skipped_busy": w.skipped_busy if w is not None else 0}
+
+
+def _drain(q: queue.Queue) -> Iterator[FrameResult]:
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
+
+
+def _progress_bar(src: Any, max_frames: int | None) -> Any:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    total = src.len_hint() if callable(getattr(src, "len_hint", None)) else None
+    if max_frames is not None:
+        total = max_frames if total is None else min(total, max_frames)
+    return tqdm(total=total, unit="frame", desc=Path(str(src.spec)).name or str(src.spec), dynamic_ncols=True)
+
+
+class _OutputStage:
+    """The output thread: attaches background results, keeps frame order, draws and writes."""
+
+    def __init__(self, pipe: Pipeline, q: queue.Queue, results_q: queue.Queue | None,
+                 workers: dict[str, BackgroundTask], samples: dict[str, list[float]]):
+        self.pipe, self.q, self.results_q, self.workers, self.samples = pipe, q, results_q, workers, samples
+        self.latest: dict[str, Any] = {}
+        self.emitted = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="vlexport-output", daemon=True)
+        self._arrived: dict[tuple[str, int], Any] = {}
+        self._abort = False
+        self._finished = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, frame: Any, results: dict[str, Any], jobs: list[str], timing: dict[str, float]) -> None:
+        while True:
+            if self._error is not None:
+                return
+            try:
+                self.q.put((frame, results, jobs, timing), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def finish(self, abort: bool) -> None:
+        """Flush (or, on ``abort``, discard) what is queued, stop the thread, close or abort the sinks."""
+        if self._finished or self._thread.ident is None:
+            return
+        self._finished = True
+        self._abort = abort
+        self.q.put((_END, {}, [], {}))  # always delivered: the thread consumes until it sees it, even after an error
+        self._thread.join()
+        for sink in self.pipe.sinks:
+            if abort or self._error is not None:
+                getattr(sink, "abort", sink.close)()
+            else:
+                sink.close()
+
+    def _collect(self, name: str, worker: BackgroundTask, block_for: int | None) -> None:
+        """Move finished jobs of ``worker`` into ``_arrived``; wait for frame ``block_for`` if given."""
+        while True:
+            done = worker.poll()
+            if done is not None:
+                self._arrived[(name, done.frame_index)] = done.result
+                continue
+            if block_for is None or (name, block_for) in self._arrived or not worker.busy:
+                # Not busy and not arrived: poll once more (the job may have just finished).
+                done = worker.poll()
+                if done is not None:
+                    self._arrived[(name, done.frame_index)] = done.result
+                    continue
+                return
+            worker.wait(0.05)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                frame, results, jobs, timing = self.q.get()
+                if frame is _END:
+                    return
+                if self._abort:
+                    continue
+                for name in jobs:  # attach what was computed on this frame
+                    self._collect(name, self.workers[name], frame.index)
+                    result = self._arrived.pop((name, frame.index), None)
+                    if result is not None:
+                        results[name] = result
+                for name, result in results.items():
+                    self.latest[name] = result
+                fr = FrameResult(frame, results, dict(self.latest), dict(timing))
+                for sink in self.pipe.sinks:
+                    sink.write(fr)
+                fr.timings["end_to_end"] = (time.monotonic() - frame.stamp.t_monotonic) * 1000.0
+                self.samples["end_to_end"].append(fr.timings["end_to_end"])
+                self.emitted += 1
+                if self.pipe.on_result is not None:
+                    self.pipe.on_result(fr)
+                if self.results_q is not None:
+                    self.results_q.put(fr)
+        except BaseException as e:  # surfaced in the loop thread; stop feeding
+            self._error = e
+            self.pipe.stop()
+            while True:  # unblock the producer until it notices
+                try:
+                    item = self.q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item[0] is _END:
+                    return
+
