@@ -592,69 +592,131 @@ def bench_cmd(bundle: Path, source: str | None, runs: int, warmup: int, threads:
 
 # --------------------------------------------------------------------------- run
 @cli.command("run")
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--source", required=True, help="Image, folder of images, glob, video file, camera index or stream URL.")
-@click.option("--save", type=click.Path(path_type=Path), help="Write an annotated video (or image, for a single image).")
-@click.option("--jsonl", type=click.Path(path_type=Path), help="Write one JSON record per frame.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Default: the fastest the bundle has for this device.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]),
-              help="Inference backend (default: TensorRT when usable, else onnxruntime with its best provider).")
-@click.option("--threads", type=click.IntRange(1), help="Inference threads (CPU).")
-@click.option("--score-threshold", type=float, help="Override the bundle's score threshold.")
-@click.option("--iou-threshold", type=float, help="Override the bundle's NMS IoU threshold.")
-@click.option("--max-detections", type=int, help="Override the bundle's maximum detections per frame.")
+@click.option("--detect", "detect_bundle", type=click.Path(path_type=Path), help="A detection bundle: runs on every frame.")
+@click.option("--segment", "segment_bundle", type=click.Path(path_type=Path), help="A segmentation bundle: every --segment-every frames.")
+@click.option("--segment-every", default=1, show_default=True, type=click.IntRange(1), help="Segment every K-th frame.")
 @click.option("--caption", "caption_bundle", type=click.Path(path_type=Path),
-              help="A captioner bundle to run beside BUNDLE in the background (captions in the JSONL and the overlay).")
+              help="A captioner bundle: runs in the background every --caption-every seconds.")
 @click.option("--caption-every", default=2.0, show_default=True, type=click.FloatRange(0),
               help="Seconds between captions (acquisition time).")
 @click.option("--caption-every-frames", type=click.IntRange(1), help="Caption every K frames instead of by time.")
-@click.option("--max-length", type=click.IntRange(min=None), help="Override the captioner's maximum caption length.")
+@click.option("--save", type=click.Path(path_type=Path), help="Write an annotated video (or image, for a single image).")
+@click.option("--jsonl", type=click.Path(path_type=Path), help="Write one JSON record per frame.")
+@click.option("--stats-json", type=click.Path(path_type=Path), help="Write the run's statistics as JSON.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Default: the fastest each bundle has for this device.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="Inference backend (default: TensorRT when usable, else onnxruntime with its best provider).")
+@click.option("--threads", type=click.IntRange(1), help="Inference threads (CPU) per model.")
+@click.option("--score-threshold", type=float, help="Override the detection bundle's score threshold.")
+@click.option("--iou-threshold", type=float, help="Override the detection bundle's NMS IoU threshold.")
+@click.option("--max-detections", type=int, help="Override the detection bundle's maximum detections per frame.")
+@click.option("--max-length", type=int, help="Override the captioner's maximum caption length.")
+@click.option("--track", is_flag=True, help="Give detections stable ids across frames (ByteTrack; the track extra).")
+@click.option("--realtime", is_flag=True, help="Read a video file at its own frame rate, as a live source (late frames dropped).")
+@click.option("--no-reconnect", is_flag=True, help="End the run when a live stream drops instead of reconnecting.")
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many frames.")
-@click.option("--show", is_flag=True, help="Show the annotated frames in a window.")
+@click.option("--show", is_flag=True, help="Show the annotated frames in a window (q or Esc stops).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def run_cmd(bundle: Path, source: str, save: Path | None, jsonl: Path | None, precision: str | None,
+def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segment_bundle: Path | None,
+            segment_every: int, caption_bundle: Path | None, caption_every: float, caption_every_frames: int | None,
+            save: Path | None, jsonl: Path | None, stats_json: Path | None, precision: str | None,
             backend: str | None, threads: int | None, score_threshold: float | None, iou_threshold: float | None,
-            max_detections: int | None, caption_bundle: Path | None, caption_every: float,
-            caption_every_frames: int | None, max_length: int | None, max_frames: int | None, show: bool,
-            no_progress: bool) -> None:
-    """Run a bundle on images or video; write an annotated video and/or JSONL.
+            max_detections: int | None, max_length: int | None, track: bool, realtime: bool, no_reconnect: bool,
+            max_frames: int | None, show: bool, no_progress: bool) -> None:
+    """Run bundles on images, video, cameras or streams; write an annotated video and/or JSONL.
 
-    A captioner bundle (as BUNDLE or with --caption) captions in the background every
-    --caption-every seconds without holding up the stream.
+    One BUNDLE runs alone (its task decides what it does). Several bundles share one stream at
+    their own rates: --detect on every frame, --segment every K frames, --caption every N seconds
+    in the background; each result is attached to the frame it was computed on. Ctrl-C stops
+    cleanly: the video and JSONL hold every frame processed so far.
 
     \b
     Examples:
-      vlexport run bundles/kdeov-yolov8n-vitb32 --source bus.jpg --save bus_annotated.jpg
-      vlexport run bundles/kdeov-yolov8n-vitb32 --source traffic.mp4 --save out.mp4 --jsonl out.jsonl
-      vlexport run bundles/yolo-yolov8n --source traffic.mp4 --caption bundles/cap --caption-every 2 --save out.mp4
+      vlexport run bundles/yolo-yolov8n --source bus.jpg --save bus_annotated.jpg
+      vlexport run bundles/yolo-yolov8n --source traffic.mp4 --save out.mp4 --jsonl out.jsonl --track
+      vlexport run --detect bundles/yolo --segment bundles/seg --segment-every 5 \\
+          --caption bundles/cap --caption-every 2 --source rtsp://camera/stream --save out.mp4
       vlexport run bundles/cap --source photos/ --jsonl captions.jsonl
     """
     from vlexport import runtime
-    from vlexport.runtime.video import run_on_source
+    from vlexport.atomic import write_json_atomic
+    from vlexport.runtime.pipeline import Pipeline
+    from vlexport.runtime.sources import open_source
+    from vlexport.runtime.video import IMAGE_EXTS, AnnotatedSink, JsonlSink, RecordSink, WindowSink, open_frame_sink
 
-    overrides = {k: v for k, v in {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
-                                   "max_detections": max_detections}.items() if v is not None}
-    caption_overrides = {"max_length": max_length} if max_length is not None else {}
-    main_bundle = runtime.Bundle.open(bundle)
-    if main_bundle.task == "caption":
-        overrides, caption_overrides = {**overrides, **caption_overrides}, {}
-    elif caption_overrides and caption_bundle is None:
-        raise UsageError("--max-length applies to captioning: give a captioner bundle (as BUNDLE or --caption)")
-    task = runtime.load(main_bundle, precision=precision, backend=backend, threads=threads, **overrides)
-    captioner = None
+    roles: dict[str, Path | None] = {"detect": detect_bundle, "segment": segment_bundle, "caption": caption_bundle}
+    if bundle is not None:
+        task_name = runtime.Bundle.open(bundle).task
+        if task_name not in roles:
+            raise UsageError(f"{bundle} is a {task_name} bundle; `run` takes detect, segment and caption bundles")
+        if roles[task_name] is not None:
+            raise UsageError(f"two {task_name} bundles: {bundle} and --{task_name} {roles[task_name]}")
+        roles[task_name] = bundle
+    if not any(roles.values()):
+        raise UsageError("give a BUNDLE, or --detect/--segment/--caption bundles")
+    detect_overrides = {k: v for k, v in {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
+                                          "max_detections": max_detections}.items() if v is not None}
+    if detect_overrides and roles["detect"] is None:
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in detect_overrides)} apply to detection: "
+                         "give a detection bundle")
+    if max_length is not None and roles["caption"] is None:
+        raise UsageError("--max-length applies to captioning: give a captioner bundle")
+    overrides = {"detect": detect_overrides, "segment": {},
+                 "caption": {"max_length": max_length} if max_length is not None else {}}
+    if show:
+        from vlexport.runtime.video import _check_display
+
+        _check_display()
+    tasks: dict[str, object] = {}
+    sinks: list[object] = []
+    src = None
     try:
-        if caption_bundle is not None:
-            captioner = runtime.load(caption_bundle, threads=threads, **caption_overrides)
-            if captioner.bundle.task != "caption":
-                raise UsageError(f"--caption {caption_bundle} is a {captioner.bundle.task} bundle, not a captioner")
-        stats = run_on_source(task, source, save=save, jsonl=jsonl, progress=not no_progress, show=show,
-                              max_frames=max_frames, caption=captioner, caption_every_s=caption_every,
-                              caption_every_frames=caption_every_frames)
+        for role, path in roles.items():
+            if path is not None:
+                tasks[role] = runtime.load(path, precision=precision, backend=backend, threads=threads, **overrides[role])
+                if tasks[role].bundle.task != role:
+                    raise UsageError(f"--{role} {path} is a {tasks[role].bundle.task} bundle")
+        tracker = None
+        if track:
+            if "detect" not in tasks:
+                raise UsageError("--track needs a detection bundle")
+            from vlexport.runtime.tracking import Tracker
+
+            tracker = Tracker()
+        src = open_source(source, realtime=realtime, reconnect=not no_reconnect)
+        if save is not None and save.suffix.lower() in IMAGE_EXTS and src.len_hint() != 1:
+            raise UsageError(f"--save {save} is an image path but the source has more than one frame; give out.mp4")
+        if save is not None:
+            sinks.append(AnnotatedSink(open_frame_sink(save, fps=src.fps)))
+        if jsonl is not None:
+            sinks.append(RecordSink(JsonlSink(jsonl)))
+        pipe = Pipeline(src, detect=tasks.get("detect"), segment=tasks.get("segment"), caption=tasks.get("caption"),
+                        segment_every=segment_every, caption_every_s=caption_every,
+                        caption_every_frames=caption_every_frames, sinks=sinks, tracker=tracker,
+                        max_frames=max_frames)
+        if show:
+            sinks.append(WindowSink(str(source), pipe.stop))
+        try:
+            stats = pipe.run(progress=not no_progress)
+        except KeyboardInterrupt:
+            click.echo(pipe.stats.summary(), err=True)
+            if stats_json is not None:
+                write_json_atomic(stats_json, pipe.stats.to_dict())
+            raise
+        click.echo(stats.summary())
+        if stats_json is not None:
+            write_json_atomic(stats_json, stats.to_dict())
+    except BaseException as e:
+        for sink in sinks:  # idempotent: complete on Ctrl-C, discarded on an error
+            sink.close() if isinstance(e, KeyboardInterrupt) else sink.abort()
+        raise
     finally:
-        task.close()
-        if captioner is not None:
-            captioner.close()
-    click.echo(stats.summary())
+        if src is not None:
+            src.close()
+        for task in tasks.values():
+            task.close()
 
 
 def main() -> None:

@@ -387,7 +387,12 @@ class Pipeline:
             if own_source:
                 src.close()
         if failed is None:
-            output.raise_error()
+            try:
+                output.raise_error()
+            except KeyboardInterrupt as e:  # raised by a callback or sink on the output thread
+                self.stats.interrupted = True
+                e.stats = self.stats  # type: ignore[attr-defined]
+                raise
         if collect:
             yield from _drain(results_q)
 
@@ -467,8 +472,9 @@ class _OutputStage:
         self._abort = abort
         self.q.put((_END, {}, [], {}))  # always delivered: the thread consumes until it sees it, even after an error
         self._thread.join()
+        failed = self._error is not None and not isinstance(self._error, KeyboardInterrupt)
         for sink in self.pipe.sinks:
-            if abort or self._error is not None:
+            if abort or failed:
                 getattr(sink, "abort", sink.close)()
             else:
                 sink.close()
