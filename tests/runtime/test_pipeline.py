@@ -143,3 +143,13 @@ def test_sigint_leaves_a_complete_video_and_jsonl(tiny_bundle, tiny_caption_bund
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == len(records)
     video.release()
     assert not list(tmp_path.glob(".*.tmp*"))  # no temporary file left behind
+
+
+def test_prepared_input_gives_the_same_detections(tasks, assets):
+    det, _, _ = tasks
+    image = cv2.imread(str(assets / "images" / "zidane.jpg"))
+    plain = det.detect(image)
+    ahead = det.detect(image, prepared=det.prepare(image))
+    np.testing.assert_array_equal(plain.boxes, ahead.boxes)
+    np.testing.assert_array_equal(plain.class_ids, ahead.class_ids)
+    assert det.timings["preprocess"] > 0

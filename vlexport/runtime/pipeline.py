@@ -11,8 +11,9 @@ each frame, with the results computed on it, to its sinks, a callback or a gener
 Stages and threads (onnxruntime and OpenCV release the GIL, so threads overlap for real; the
 benchmarks compare this with a sequential loop):
 
-* **decode** — a file is decoded one frame ahead on a prefetch thread (bounded queue, nothing
-  dropped); a live source has its own reader thread that keeps only the newest frame.
+* **decode** — a file is decoded (and, for detection, letterboxed) a few frames ahead on a
+  prefetch thread (bounded queue, nothing dropped); a live source has its own reader thread that
+  keeps only the newest frame.
 * **inference** — the loop thread runs the every-frame tasks inline; a task scheduled less often
   (every k frames or every N seconds) runs on its own worker (:class:`BackgroundTask`) so it never
   holds the others up.
@@ -182,13 +183,17 @@ def percentiles(samples: Mapping[str, list[float]]) -> dict[str, dict[str, float
 
 
 class _Prefetch:
-    """Decodes a file source one step ahead on a thread (bounded: nothing is dropped)."""
+    """Decodes a file source (and pre-processes for the tasks that can take it) ahead, on a thread.
 
-    def __init__(self, source: Any, depth: int, decode_ms: list[float]):
+    Bounded: nothing is dropped. Yields ``(frame, {task name: prepared input})``.
+    """
+
+    def __init__(self, source: Any, depth: int, decode_ms: list[float], preparers: dict[str, Any] | None = None):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._source = source
         self._decode_ms = decode_ms
+        self._preparers = preparers or {}
         self._thread = threading.Thread(target=self._run, name="vlexport-decode", daemon=True)
         self._thread.start()
 
@@ -211,7 +216,8 @@ class _Prefetch:
                 except StopIteration:
                     break
                 self._decode_ms.append((time.perf_counter() - t0) * 1000.0)
-                if not self._put(frame):
+                prepared = {name: prepare(frame.image) for name, prepare in self._preparers.items()}
+                if not self._put((frame, prepared)):
                     return
         except BaseException as e:  # surfaced in the loop thread
             self._put(e)
@@ -325,14 +331,17 @@ class Pipeline:
                                           name=s.name) for s in self.slots if not s.inline}
         output = _OutputStage(self, out_q, results_q if collect else None, workers, samples)
         live = bool(getattr(src, "live", False))
-        frames = src if live else _Prefetch(src, self.prefetch, samples["decode"])
+        # Pre-processing moves to the decode thread for the tasks that accept a prepared input.
+        preparers = {s.name: s.task.prepare for s in self.slots
+                     if s.inline and getattr(s.task, "accepts_prepared", False)}
+        frames = ((f, {}) for f in src) if live else _Prefetch(src, self.prefetch, samples["decode"], preparers)
         bar = _progress_bar(src, self.max_frames) if progress else None
         t_start = time.perf_counter()
         failed: BaseException | None = None
         try:
             output.start()
             n = 0
-            for frame in frames:
+            for frame, prepared in frames:
                 if self._stop.is_set():
                     break
                 jobs: list[str] = []
@@ -344,7 +353,11 @@ class Pipeline:
                 for slot in self.slots:
                     if not slot.inline:
                         continue
-                    result = getattr(slot.task, slot.kind)(frame.image, frame.stamp)
+                    run = getattr(slot.task, slot.kind)
+                    if slot.name in prepared:
+                        result = run(frame.image, frame.stamp, prepared=prepared[slot.name])
+                    else:
+                        result = run(frame.image, frame.stamp)
                     if slot.kind == "detect" and self.tracker is not None:
                         result = self.tracker.update(result)
                     results[slot.name] = result
@@ -376,8 +389,8 @@ class Pipeline:
         finally:
             if bar is not None:
                 bar.close()
-            if not live:
-                frames.close()  # type: ignore[union-attr]
+            if isinstance(frames, _Prefetch):
+                frames.close()
             if failed is None and not self.stats.interrupted:
                 output.finish(abort=False)
             if not self.stats.interrupted:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from vlexport.runtime.bundle import PRECISIONS, Bundle
 from vlexport.runtime.preprocess import Preprocessor, check_image
 from vlexport.runtime.spec import TensorSpec
 
-__all__ = ["PartTask", "choose_precision", "IMAGE_INPUT"]
+__all__ = ["PartTask", "Prepared", "choose_precision", "IMAGE_INPUT"]
 
 IMAGE_INPUT = "images"
 
@@ -45,6 +46,15 @@ def choose_precision(available: Sequence[str], requested: str | None, accelerate
         if p in available:
             return p
     raise BundleError(f"{where} lists no model files")
+
+
+@dataclass
+class Prepared:
+    """One frame pre-processed ahead of inference: the model input, its geometry, the time it took."""
+
+    tensor: np.ndarray
+    infos: list[Any]
+    ms: float
 
 
 class PartTask:
@@ -122,6 +132,17 @@ class PartTask:
                 return s
         raise BundleError(f"{self.bundle.root}: the model has no input {name!r}")
 
+    def prepare(self, image: np.ndarray) -> Prepared:
+        """Pre-process one frame ahead of inference (no backend call: safe on another thread).
+
+        A pipeline does this on its decode thread, so that pre-processing overlaps inference;
+        pass the result as ``prepared=`` to the task's call for that frame.
+        """
+        check_image(image)
+        t0 = now_ms()
+        tensor, infos = self.preprocessor.batch([image])
+        return Prepared(tensor, infos, now_ms() - t0)
+
     def _run_batches(
         self,
         images: Sequence[np.ndarray],
@@ -129,20 +150,28 @@ class PartTask:
         what: str,
         extra: dict[str, np.ndarray],
         finish: Callable[[dict[str, np.ndarray], list[Any], list[Any]], list[Any]],
+        prepared: Prepared | None = None,
     ) -> list[Any]:
         """Validate frames, then pre-process, infer and ``finish`` them one model-sized batch at a time.
 
         ``finish(outputs, letterbox_infos, stamps)`` turns one batch's outputs into results;
-        :attr:`timings` gets the milliseconds spent per stage.
+        :attr:`timings` gets the milliseconds spent per stage. ``prepared`` (one frame, from
+        :meth:`prepare`) skips the pre-processing; its time is reported as measured there.
         """
         images, stamps = self._validated_frames(images, stamps, what)
         if not images:
             return []
+        if prepared is not None and len(images) != 1:
+            raise UsageError(f"{what}: a prepared tensor is for exactly one frame")
         times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
         results: list[Any] = []
         for chunk in self._chunks(len(images)):
             t0 = now_ms()
-            tensor, infos = self.preprocessor.batch(images[chunk])
+            if prepared is not None:
+                tensor, infos = prepared.tensor, prepared.infos
+                t0 -= prepared.ms
+            else:
+                tensor, infos = self.preprocessor.batch(images[chunk])
             t1 = now_ms()
             out = self.backend.infer(stack_feeds(tensor, extra))
             t2 = now_ms()

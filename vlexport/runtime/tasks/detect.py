@@ -13,7 +13,7 @@ from vlexport.runtime.bundle import Bundle
 from vlexport.runtime.postprocess import select_detections
 from vlexport.runtime.preprocess import LetterboxInfo, scale_boxes_to_source
 from vlexport.runtime.results import Detections, FrameStamp
-from vlexport.runtime.tasks.base import PartTask
+from vlexport.runtime.tasks.base import PartTask, Prepared
 
 __all__ = ["DetectTask"]
 
@@ -36,6 +36,9 @@ class DetectTask(PartTask):
     """
 
     part_name = "detector"
+
+    #: ``detect(..., prepared=)`` takes a frame pre-processed ahead by :meth:`prepare`.
+    accepts_prepared = True
 
     def __init__(
         self,
@@ -111,12 +114,16 @@ class DetectTask(PartTask):
         self._extra = {TEXT_INPUT: emb}
 
     # -- running -----------------------------------------------------------------------
-    def detect(self, bgr: np.ndarray, stamp: FrameStamp | None = None) -> Detections:
-        """Detect objects in one BGR uint8 frame; boxes are xyxy in the frame's pixels."""
-        return self.detect_batch([bgr], None if stamp is None else [stamp])[0]
+    def detect(self, bgr: np.ndarray, stamp: FrameStamp | None = None, *, prepared: Prepared | None = None) -> Detections:
+        """Detect objects in one BGR uint8 frame; boxes are xyxy in the frame's pixels.
+
+        ``prepared`` is this frame already pre-processed by :meth:`prepare` (e.g. on a decode thread).
+        """
+        return self.detect_batch([bgr], None if stamp is None else [stamp], prepared=prepared)[0]
 
     def detect_batch(
-        self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None
+        self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None, *,
+        prepared: Prepared | None = None,
     ) -> list[Detections]:
         """Detect in several frames (one graph run per batch the model accepts)."""
 
@@ -126,7 +133,7 @@ class DetectTask(PartTask):
                 for j, (info, stamp) in enumerate(zip(infos, batch_stamps))
             ]
 
-        return self._run_batches(images, stamps, "detect_batch", self._extra, finish)
+        return self._run_batches(images, stamps, "detect_batch", self._extra, finish, prepared)
 
     def _select(
         self,
