@@ -12,6 +12,12 @@ from conftest import write_bundle
 
 def test_runtime_never_imports_torch(tmp_path: Path) -> None:
     root = write_bundle(tmp_path / "b", size=(64, 64), encoder=True)
+    import cv2
+    import numpy as np
+
+    (tmp_path / "img").mkdir()
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / "img" / f"{i}.png"), np.full((48, 80, 3), 40 * i, np.uint8))
     code = textwrap.dedent(
         f"""
         import sys
@@ -28,6 +34,10 @@ def test_runtime_never_imports_torch(tmp_path: Path) -> None:
         det = vr.load({str(root)!r})
         draw.draw_detections(frame, det.detect(frame))
         vr.load({str(root)!r}, task="embed").embed(frame)
+        from vlexport.runtime import decoding, pipeline, schedule, sources, tokenizer  # noqa: F401
+        from vlexport.runtime.tasks import binary_segment, caption, detr  # noqa: F401
+        stats = pipeline.Pipeline({str(tmp_path / "img")!r}, detect=det).run()
+        assert stats.processed == 2
         bad = [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
         assert not bad, bad
         print("ok")

@@ -29,6 +29,7 @@ result leaving the output stage).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -320,10 +321,11 @@ class Pipeline:
         return self._stream(progress=False, collect=True)
 
     def _stream(self, progress: bool, collect: bool) -> Iterator[FrameResult]:
-        from vlexport.runtime.sources import Source, open_source
+        from vlexport.runtime.sources import open_source
 
-        src = self.source_spec if isinstance(self.source_spec, Source) else open_source(self.source_spec)
-        own_source = not isinstance(self.source_spec, Source)
+        # A spec is opened here (and closed at the end); anything else iterable is a source already.
+        own_source = isinstance(self.source_spec, (str, int, os.PathLike))
+        src = open_source(self.source_spec) if own_source else self.source_spec
         samples: dict[str, list[float]] = {s: [] for s in _STAGES}
         out_q: queue.Queue = queue.Queue(maxsize=self.max_pending)
         results_q: queue.Queue = queue.Queue()
