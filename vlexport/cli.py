@@ -600,8 +600,9 @@ def bench_cmd(bundle: Path, source: str | None, runs: int, warmup: int, threads:
 @click.option("--caption", "caption_bundle", type=click.Path(path_type=Path),
               help="A captioner bundle: runs in the background every --caption-every seconds.")
 @click.option("--caption-every", default=2.0, show_default=True, type=click.FloatRange(0),
-              help="Seconds between captions (acquisition time).")
-@click.option("--caption-every-frames", type=click.IntRange(1), help="Caption every K frames instead of by time.")
+              help="Seconds between captions (acquisition time) on video and streams.")
+@click.option("--caption-every-frames", type=click.IntRange(1),
+              help="Caption every K frames instead of by time (images: every one by default).")
 @click.option("--save", type=click.Path(path_type=Path), help="Write an annotated video (or image, for a single image).")
 @click.option("--jsonl", type=click.Path(path_type=Path), help="Write one JSON record per frame.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the run's statistics as JSON.")
@@ -643,7 +644,7 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
     from vlexport import runtime
     from vlexport.atomic import write_json_atomic
     from vlexport.runtime.pipeline import Pipeline
-    from vlexport.runtime.sources import open_source
+    from vlexport.runtime.sources import ImageSource, open_source
     from vlexport.runtime.video import IMAGE_EXTS, AnnotatedSink, JsonlSink, RecordSink, WindowSink, open_frame_sink
 
     roles: dict[str, Path | None] = {"detect": detect_bundle, "segment": segment_bundle, "caption": caption_bundle}
@@ -686,6 +687,8 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
 
             tracker = Tracker()
         src = open_source(source, realtime=realtime, reconnect=not no_reconnect)
+        if isinstance(src, ImageSource) and caption_every_frames is None:
+            caption_every_frames = 1  # photos are not a stream: caption every one
         if save is not None and save.suffix.lower() in IMAGE_EXTS and src.len_hint() != 1:
             raise UsageError(f"--save {save} is an image path but the source has more than one frame; give out.mp4")
         if save is not None:

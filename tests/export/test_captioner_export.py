@@ -213,6 +213,15 @@ def test_cli_run_captions_an_image_and_a_video_on_schedule(trained, trained_bund
     rec = json.loads((tmp_path / "one.jsonl").read_text().splitlines()[0])
     assert rec["frame"] == 0 and rec["caption"]["text"] == samples[2].caption
     assert (tmp_path / "one.jpg").stat().st_size > 0
+    photos = tmp_path / "photos"  # a folder of photos is not a stream: every one is captioned
+    photos.mkdir()
+    for s in samples:
+        shutil.copy(s.image, photos / s.image.name)
+    res = runner.invoke(cli, ["run", str(trained_bundle.path), "--source", str(photos), "--jsonl",
+                              str(tmp_path / "all.jsonl"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    texts = [json.loads(line)["caption"]["text"] for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert texts == [s.caption for s in sorted(samples, key=lambda s: s.image.name)]
     res = runner.invoke(cli, ["run", str(trained_bundle.path), "--source", str(assets / "video" / "car-detection.mp4"),
                               "--caption-every-frames", "3", "--max-frames", "7", "--jsonl", str(tmp_path / "v.jsonl"),
                               "--save", str(tmp_path / "v.mp4"), "--no-progress"])

@@ -287,7 +287,7 @@ class Pipeline:
         self._stop = threading.Event()
 
     # -- frame by frame (a robot's own loop) ----------------------------------------------
-    def process(self, image: np.ndarray, stamp: Any = None, *, wait: bool = True) -> dict[str, Any]:
+    def process(self, image: np.ndarray, stamp: Any = None) -> dict[str, Any]:
         """Run every task on one frame now and return ``{task name: result}`` (no threads, no sinks).
 
         For a loop that owns its frames (a ROS callback, a robot's control loop). Tasks
@@ -323,6 +323,8 @@ class Pipeline:
     def _stream(self, progress: bool, collect: bool) -> Iterator[FrameResult]:
         from vlexport.runtime.sources import open_source
 
+        self.stats = PipelineStats()  # one run's figures
+        self._stop.clear()
         # A spec is opened here (and closed at the end); anything else iterable is a source already.
         own_source = isinstance(self.source_spec, (str, int, os.PathLike))
         src = open_source(self.source_spec) if own_source else self.source_spec
@@ -365,8 +367,9 @@ class Pipeline:
                     results[slot.name] = result
                     for s in _TASK_STAGES:
                         timing[s] += float(getattr(slot.task, "timings", {}).get(s, 0.0))
-                for s in _TASK_STAGES:
-                    samples[s].append(timing[s])
+                if any(slot.inline for slot in self.slots):
+                    for s in _TASK_STAGES:
+                        samples[s].append(timing[s])
                 output.put(frame, results, jobs, timing)
                 n += 1
                 if bar is not None:
