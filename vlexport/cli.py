@@ -322,6 +322,9 @@ def detr_cmd(**kw) -> None:
 @click.option("--num-beams", default=3, show_default=True, type=int)
 @click.option("--length-penalty", default=1.0, show_default=True, type=float)
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--decoder-bits", "decoder_weight_bits", default=8, show_default=True, type=click.Choice(["8", "4"]),
+              callback=lambda ctx, param, v: int(v),
+              help="With --int8: the decoder's weight-only bits (kept only if its greedy tokens still match PyTorch's).")
 @click.option("--parity-steps", default=20, show_default=True, type=int, help="Cached decode steps compared with PyTorch.")
 @click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/captioner-PRESET].")
 @click.option("--overwrite", is_flag=True)

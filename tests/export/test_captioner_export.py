@@ -273,6 +273,18 @@ def test_int8_encoder_and_gated_weight_only_int8_decoder(trained, tokenizer_dir,
 
     ops = {n.op_type for n in onnx.load(str(report.path / "decoder.int8.onnx")).graph.node}
     assert "MatMulNBits" in ops
+    # 4-bit weights (--decoder-bits 4): a trained model's greedy tokens still match PyTorch's.
+    from vlexport.calibration.weight_only import quantize_weights
+    from vlexport.export.captioner import decode_parity
+
+    info = quantize_weights(report.path / "decoder.onnx", tmp_path / "decoder.w4.onnx", bits=4)
+    assert info["bits"] == 4 and info["block_size"] == 32
+    bits = [a.i for n in onnx.load(str(tmp_path / "decoder.w4.onnx")).graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"]
+    assert bits and set(bits) == {4}
+    _, x = _images(samples, model)
+    w4 = decode_parity(model, report.path / "encoder.onnx", tmp_path / "decoder.w4.onnx", x, 20)
+    assert w4["tokens_identical"] >= 0.95
     frames, _ = _images(samples, model)
     with load(report.path) as task:  # CPU default: the int8 decoder (and the cpu-target int8 encoder)
         assert task.decoder_precision == "int8"

@@ -43,6 +43,7 @@ class CaptionerExportOptions:
     num_beams: int = 3
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
+    decoder_weight_bits: int = 8  # with --int8: the decoder's weight-only bits (8 or 4), gated
     parity_source: str | None = None
     parity_count: int = 2
     parity_steps: int = 20
@@ -59,6 +60,8 @@ class CaptionerExportOptions:
             raise UsageError(f"--num-beams must be at least 1, got {self.num_beams}")
         if self.repetition_penalty <= 0:
             raise UsageError(f"--repetition-penalty must be positive, got {self.repetition_penalty}")
+        if self.decoder_weight_bits not in (8, 4):
+            raise UsageError(f"--decoder-bits must be 8 or 4, got {self.decoder_weight_bits}")
         if self.parity_steps < 1 or self.parity_count < 1:
             raise UsageError("parity needs at least one image and one step")
 
@@ -99,7 +102,7 @@ def _region_classes(opts: CaptionerExportOptions, n: int) -> list[str]:
 def build_plan(opts: CaptionerExportOptions) -> ExportPlan:
     """Build (or load) the captioner and describe its two parts, the tokenizer and the decoding settings."""
     from vlexport.calibration.readers import calibration_frames, synthetic_images
-    from vlexport.calibration.weight_only import quantize_weights_int8
+    from vlexport.calibration.weight_only import quantize_weights
     from vlexport.models.captioner import CaptionDecoderStep, CaptionEncoderGraph
     from vlexport.models.gpt2 import empty_cache
     from vlexport.runtime.tasks.caption import clip_preprocess
@@ -170,7 +173,8 @@ def build_plan(opts: CaptionerExportOptions) -> ExportPlan:
                              "present_key_values": OutputTolerance(max_abs=1e-3)},
                     "fp16": {"logits": OutputTolerance(min_cosine=0.999)},
                     "int8": {"logits": OutputTolerance(min_cosine=0.99)}},
-        weight_quantizer=quantize_weights_int8,  # gated by the whole-decode check (DECODER_INT8_MIN_AGREEMENT)
+        # Gated by the whole-decode check (DECODER_INT8_MIN_AGREEMENT).
+        weight_quantizer=lambda src, dst: quantize_weights(src, dst, bits=opts.decoder_weight_bits),
     )
     info = enc.clip_info
     warnings = []
