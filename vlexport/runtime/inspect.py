@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from vlexport.runtime.bundle import Bundle
 
 
@@ -33,7 +35,7 @@ def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
         if "student_trained" in prov:
             lines.append(f"student    {'checkpoint ' + str(prov.get('checkpoint')) if prov.get('student_trained') else 'UNTRAINED (no checkpoint)'}")
     pre = m["preprocess"]
-    lines.append(f"preprocess {pre.get('resize')} to {pre.get('size')} pad {pre.get('pad_value')}, {pre.get('color')}, "
+    lines.append(f"preprocess {_resize_rule(pre)}, {pre.get('color')}, "
                  f"scale {pre.get('scale'):.6g}, mean {pre.get('mean')}, std {pre.get('std')}")
     post = m.get("postprocess") or {}
     if post:
@@ -73,3 +75,15 @@ def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
         if not b.get("available") and b.get("reason"):
             lines.append(f"           {b['name']}: unavailable ({b['reason']})")
     return "\n".join(lines)
+
+
+def _resize_rule(pre: dict[str, Any]) -> str:
+    """How a family resizes its frames, in words (each family records different keys)."""
+    kind = pre.get("resize")
+    if kind == "detr":
+        return f"detr: short side {pre.get('short_side')}, long side at most {pre.get('max_size')}, no padding"
+    if kind == "short_side":
+        return f"short side {pre.get('short_side')}"
+    if kind == "clip":
+        return f"clip: short side {pre.get('size')} ({pre.get('interpolation')}), centre crop {pre.get('size')}"
+    return f"{kind} to {pre.get('size')} pad {pre.get('pad_value')}"
