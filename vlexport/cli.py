@@ -646,9 +646,8 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
     """
     from vlexport import runtime
     from vlexport.atomic import write_json_atomic
-    from vlexport.runtime.pipeline import Pipeline
-    from vlexport.runtime.sources import ImageSource, open_source
-    from vlexport.runtime.video import IMAGE_EXTS, AnnotatedSink, JsonlSink, RecordSink, WindowSink, open_frame_sink
+    from vlexport.runtime.sources import open_source
+    from vlexport.runtime.video import run_on_source
 
     roles: dict[str, Path | None] = {"detect": detect_bundle, "segment": segment_bundle, "caption": caption_bundle}
     if bundle is not None:
@@ -674,7 +673,6 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
 
         _check_display()
     tasks: dict[str, object] = {}
-    sinks: list[object] = []
     src = None
     try:
         for role, path in roles.items():
@@ -690,34 +688,23 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
 
             tracker = Tracker()
         src = open_source(source, realtime=realtime, reconnect=not no_reconnect)
-        if isinstance(src, ImageSource) and caption_every_frames is None:
-            caption_every_frames = 1  # photos are not a stream: caption every one
-        if save is not None and save.suffix.lower() in IMAGE_EXTS and src.len_hint() != 1:
-            raise UsageError(f"--save {save} is an image path but the source has more than one frame; give out.mp4")
-        if save is not None:
-            sinks.append(AnnotatedSink(open_frame_sink(save, fps=src.fps)))
-        if jsonl is not None:
-            sinks.append(RecordSink(JsonlSink(jsonl)))
-        pipe = Pipeline(src, detect=tasks.get("detect"), segment=tasks.get("segment"), caption=tasks.get("caption"),
-                        segment_every=segment_every, caption_every_s=caption_every,
-                        caption_every_frames=caption_every_frames, sinks=sinks, tracker=tracker,
-                        max_frames=max_frames)
-        if show:
-            sinks.append(WindowSink(str(source), pipe.stop))
+        main = next(tasks[r] for r in ("detect", "segment", "caption") if r in tasks)
+        extra = {r: t for r, t in tasks.items() if t is not main}
         try:
-            stats = pipe.run(progress=not no_progress)
-        except KeyboardInterrupt:
-            click.echo(pipe.stats.summary(), err=True)
-            if stats_json is not None:
-                write_json_atomic(stats_json, pipe.stats.to_dict())
+            stats = run_on_source(main, src, save=save, jsonl=jsonl, progress=not no_progress, show=show,
+                                  max_frames=max_frames, segment=extra.get("segment"), segment_every=segment_every,
+                                  caption=extra.get("caption"), caption_every_s=caption_every,
+                                  caption_every_frames=caption_every_frames, tracker=tracker)
+        except KeyboardInterrupt as e:
+            stats = getattr(e, "stats", None)
+            if stats is not None:
+                click.echo(stats.summary(), err=True)
+                if stats_json is not None:
+                    write_json_atomic(stats_json, stats.to_dict())
             raise
         click.echo(stats.summary())
         if stats_json is not None:
             write_json_atomic(stats_json, stats.to_dict())
-    except BaseException as e:
-        for sink in sinks:  # idempotent: complete on Ctrl-C, discarded on an error
-            sink.close() if isinstance(e, KeyboardInterrupt) else sink.abort()
-        raise
     finally:
         if src is not None:
             src.close()

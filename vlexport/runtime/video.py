@@ -320,7 +320,9 @@ def run_on_source(
     """Run a task (detect, segment or caption) over ``source`` with the sinks asked for; returns the stats.
 
     A thin front to :class:`vlexport.runtime.pipeline.Pipeline`: ``task`` runs on every frame
-    (a caption task on its schedule), ``segment=``/``caption=`` add tasks at their own rates.
+    (a segment task every ``segment_every`` frames, a caption task on its schedule),
+    ``segment=``/``caption=`` add tasks at their own rates. A folder of photos is not a stream:
+    unless ``caption_every_frames`` says otherwise, every photo is captioned.
     ``save`` writes an annotated video (an annotated image when ``save`` has an image suffix and
     the source is one image), ``jsonl`` one record per frame (``frame``, ``t_monotonic``,
     ``t_wall``, ``source``, then ``detect``/``segment``/``caption`` results computed on that
@@ -341,6 +343,8 @@ def run_on_source(
     if show:
         _check_display()
     src = source if isinstance(source, Source) else open_source(source)
+    if isinstance(src, ImageSource) and caption_every_frames is None:
+        caption_every_frames = 1
     sinks: list[Any] = []
     try:
         if save is not None and Path(save).suffix.lower() in IMAGE_EXTS and src.len_hint() != 1:
@@ -356,7 +360,7 @@ def run_on_source(
         if on_result is not None:
             callback = lambda fr: on_result(fr.frame, fr.results.get(kind))  # noqa: E731
         pipe = Pipeline(src, detect=roles["detect"], segment=roles["segment"], caption=roles["caption"],
-                        segment_every=1 if kind == "segment" else segment_every, caption_every_s=caption_every_s,
+                        segment_every=segment_every, caption_every_s=caption_every_s,
                         caption_every_frames=caption_every_frames, sinks=sinks, on_result=callback,
                         tracker=tracker, max_frames=max_frames)
         if show:
