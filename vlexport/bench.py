@@ -107,12 +107,13 @@ class BenchOptions:
 # -- timing ----------------------------------------------------------------------------------
 def latency_stats(samples_ms: Sequence[float]) -> dict[str, float]:
     """p50, p90, p99 (linear interpolation), mean and min of latencies in ms, and the run count."""
+    from vlexport.runtime.pipeline import latency_percentiles
+
     x = np.asarray(samples_ms, dtype=np.float64)
     if x.size == 0:
         raise ValueError("latency_stats needs at least one sample")
-    p50, p90, p99 = np.percentile(x, [50, 90, 99])
-    return {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p99": round(float(p99), 4),
-            "mean": round(float(x.mean()), 4), "min": round(float(x.min()), 4), "runs": int(x.size)}
+    return {**latency_percentiles(x, decimals=4), "mean": round(float(x.mean()), 4), "min": round(float(x.min()), 4),
+            "runs": int(x.size)}
 
 
 @dataclass

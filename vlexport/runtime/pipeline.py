@@ -33,7 +33,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,14 +173,15 @@ class PipelineStats:
         return "\n".join(lines)
 
 
+def latency_percentiles(values: Sequence[float], decimals: int = 3) -> dict[str, float]:
+    """p50/p90/p99 (linear interpolation) of latencies in ms, rounded (3 decimals: µs)."""
+    p50, p90, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 90, 99])
+    return {"p50": round(float(p50), decimals), "p90": round(float(p90), decimals), "p99": round(float(p99), decimals)}
+
+
 def percentiles(samples: Mapping[str, list[float]]) -> dict[str, dict[str, float]]:
-    """p50/p90/p99 of every non-empty sample list, rounded to µs."""
-    out: dict[str, dict[str, float]] = {}
-    for stage, values in samples.items():
-        if values:
-            p50, p90, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 90, 99])
-            out[stage] = {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
-    return out
+    """:func:`latency_percentiles` of every non-empty sample list."""
+    return {stage: latency_percentiles(values) for stage, values in samples.items() if values}
 
 
 class _Prefetch:
