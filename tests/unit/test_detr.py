@@ -19,8 +19,10 @@ from vlexport.models.detr import (
     MultiheadAttention,
     PositionEmbeddingSine,
     build_detr,
-    detr_config_from_state_dict,
     detr_postprocess,
+)
+from vlexport.models.detr_checkpoint import (
+    detr_config_from_state_dict,
     detr_state_dict_summary,
     load_detr_checkpoint,
 )

@@ -186,7 +186,8 @@ def _check_options(opts: DETRExportOptions) -> None:
 
 def _load_model(opts: DETRExportOptions) -> tuple[nn.Module, Any, str, dict[str, Any], list[str]]:
     """(model in eval mode, its config, preset label, provenance, warnings)."""
-    from vlexport.models.detr import DETR_PRESETS, build_detr, load_detr_checkpoint
+    from vlexport.models.detr import DETR_PRESETS, build_detr
+    from vlexport.models.detr_checkpoint import load_detr_checkpoint
 
     overrides = {} if opts.dilation is None else {"dilation": bool(opts.dilation)}
     notes: list[str] = []
