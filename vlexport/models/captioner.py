@@ -26,6 +26,7 @@ from torch import nn
 
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.models.gpt2 import GPT2_PRESETS, GPT2Config, GPT2LMHeadModel, empty_cache
+from vlexport.models.layers import MLP
 
 log = logging.getLogger("vlexport")
 
@@ -58,19 +59,6 @@ CAPTIONER_PRESETS: dict[str, CaptionerConfig] = {
 }
 
 
-class _MLP(nn.Module):
-    def __init__(self, dim: int, out: int, layers: int = 3):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(dim, out if i == layers - 1 else dim) for i in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
-
-
 class CLIPCaptioner(nn.Module):
     """Image → prefix tokens → GPT-2, with box/objectness/class heads on the prefix tokens."""
 
@@ -80,7 +68,7 @@ class CLIPCaptioner(nn.Module):
         self.encoder = encoder
         self.gpt2 = gpt2
         d = gpt2.config.n_embd
-        self.box_head = _MLP(d, 4)
+        self.box_head = MLP(d, d, 4, 3)
         self.objectness_head = nn.Linear(d, 1)
         self.class_head = nn.Linear(d, config.num_region_classes)
 

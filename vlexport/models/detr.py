@@ -32,6 +32,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.models.backbones import check_state_dict, load_checkpoint_file
 from vlexport.models.box_ops import box_cxcywh_to_xyxy
+from vlexport.models.layers import MLP
 from vlexport.runtime.detr_preprocess import IMAGENET_MEAN, IMAGENET_STD, detr_resize_size
 
 __all__ = [
@@ -431,22 +432,6 @@ class Transformer(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Detector and segmentation head
 # --------------------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    """Linear layers with ReLU between them (none after the last)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [output_dim]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 class DETR(nn.Module):
