@@ -36,6 +36,17 @@ def _as_array(name: str, value: Any, dtype: Any, shape_desc: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+def _int_ids(name: str, value: Any, k: int) -> np.ndarray:
+    """``value`` as a contiguous int64 ``[k]`` array, or a ValueError naming ``name``."""
+    arr = np.asarray(value)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{name}: got dtype {arr.dtype}, expected an integer array")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.shape != (k,):
+        raise ValueError(f"{name}: got shape {tuple(arr.shape)}, expected ({k},)")
+    return arr
+
+
 @dataclass
 class Detections:
     """Detections in one frame: xyxy boxes in source-image pixels, scores, class ids and labels.
@@ -66,12 +77,7 @@ class Detections:
         self.scores = _as_array("scores", self.scores, np.float32, "[K]")
         if self.scores.shape != (k,):
             raise ValueError(f"scores: got shape {tuple(self.scores.shape)}, expected ({k},)")
-        cls = np.asarray(self.class_ids)
-        if cls.size and cls.dtype.kind not in "iu":
-            raise ValueError(f"class_ids: got dtype {cls.dtype}, expected an integer array")
-        self.class_ids = np.ascontiguousarray(cls, dtype=np.int64)
-        if self.class_ids.shape != (k,):
-            raise ValueError(f"class_ids: got shape {tuple(self.class_ids.shape)}, expected ({k},)")
+        self.class_ids = _int_ids("class_ids", self.class_ids, k)
         self.labels = list(self.labels)
         if len(self.labels) != k:
             raise ValueError(f"labels: got {len(self.labels)} labels, expected {k}")
@@ -85,12 +91,7 @@ class Detections:
                 raise ValueError(f"masks: got shape {tuple(masks.shape)}, expected ({k}, H, W)")
             self.masks = masks
         if self.track_ids is not None:
-            ids = np.asarray(self.track_ids)
-            if ids.size and ids.dtype.kind not in "iu":
-                raise ValueError(f"track_ids: got dtype {ids.dtype}, expected an integer array")
-            self.track_ids = np.ascontiguousarray(ids, dtype=np.int64)
-            if self.track_ids.shape != (k,):
-                raise ValueError(f"track_ids: got shape {tuple(self.track_ids.shape)}, expected ({k},)")
+            self.track_ids = _int_ids("track_ids", self.track_ids, k)
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -191,12 +192,7 @@ class Caption:
         if self.objectness.shape != (k,):
             raise ValueError(f"objectness: got shape {tuple(self.objectness.shape)}, expected ({k},)")
         if self.class_ids is not None:
-            cls = np.asarray(self.class_ids)
-            if cls.size and cls.dtype.kind not in "iu":
-                raise ValueError(f"class_ids: got dtype {cls.dtype}, expected an integer array")
-            self.class_ids = np.ascontiguousarray(cls, dtype=np.int64)
-            if self.class_ids.shape != (k,):
-                raise ValueError(f"class_ids: got shape {tuple(self.class_ids.shape)}, expected ({k},)")
+            self.class_ids = _int_ids("class_ids", self.class_ids, k)
         if self.labels is not None:
             self.labels = [str(x) for x in self.labels]
             if len(self.labels) != k:
