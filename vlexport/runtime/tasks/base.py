@@ -182,6 +182,16 @@ class PartTask:
         self.timings = times
         return results
 
+    def _one_by_one(self, images: Sequence[np.ndarray], stamps: Sequence[Any] | None, what: str,
+                    one: Callable[[np.ndarray, Any, dict[str, float]], Any]) -> list[Any]:
+        """Validate frames, then ``one(image, stamp, times)`` on each in turn, for tasks whose graph
+        runs per frame (own sizes, own crops, a decode loop); :attr:`timings` gets the summed stages."""
+        images, stamps = self._validated_frames(images, stamps, what)
+        times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
+        results = [one(image, stamp, times) for image, stamp in zip(images, stamps)]
+        self.timings = times
+        return results
+
     @staticmethod
     def _validated_frames(images: Sequence[np.ndarray], stamps: Sequence[Any] | None,
                           what: str) -> tuple[list[np.ndarray], list[Any]]:

@@ -438,11 +438,7 @@ class CaptionTask(PartTask):
         self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None
     ) -> list[Caption]:
         """Caption several frames, one after the other."""
-        images, stamps = self._validated_frames(images, stamps, "caption_batch")
-        times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
-        out = [self._caption_one(img, stamp, times) for img, stamp in zip(images, stamps)]
-        self.timings = times
-        return out
+        return self._one_by_one(images, stamps, "caption_batch", self._caption_one)
 
     def encode(self, bgr: np.ndarray) -> tuple[dict[str, np.ndarray], CropInfo]:
         """Run the encoder on one frame: its outputs (batch axis removed) and the crop geometry."""

@@ -114,23 +114,21 @@ class DetrTask(PartTask):
         self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None
     ) -> list[Detections]:
         """Detect in several frames (one graph run each: every frame keeps its own size)."""
-        images, stamps = self._validated_frames(images, stamps, "detect_batch")
-        times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
-        results = []
-        for image, stamp in zip(images, stamps):
-            t0 = now_ms()
-            x, resized = detr_preprocess(image, self.short_side, self.max_size)
-            h, w = image.shape[:2]
-            feeds = {IMAGE_INPUT: x[None], SIZE_INPUT: np.array([[w, h]], np.float32)}
-            t1 = now_ms()
-            out = self.backend.infer(feeds)
-            t2 = now_ms()
-            results.append(self._select(out, (w, h), resized, stamp))
-            times["preprocess"] += t1 - t0
-            times["infer"] += t2 - t1
-            times["postprocess"] += now_ms() - t2
-        self.timings = times
-        return results
+        return self._one_by_one(images, stamps, "detect_batch", self._detect_one)
+
+    def _detect_one(self, image: np.ndarray, stamp: FrameStamp | None, times: dict[str, float]) -> Detections:
+        t0 = now_ms()
+        x, resized = detr_preprocess(image, self.short_side, self.max_size)
+        h, w = image.shape[:2]
+        feeds = {IMAGE_INPUT: x[None], SIZE_INPUT: np.array([[w, h]], np.float32)}
+        t1 = now_ms()
+        out = self.backend.infer(feeds)
+        t2 = now_ms()
+        result = self._select(out, (w, h), resized, stamp)
+        times["preprocess"] += t1 - t0
+        times["infer"] += t2 - t1
+        times["postprocess"] += now_ms() - t2
+        return result
 
     def _select(self, out: dict[str, np.ndarray], source: tuple[int, int], resized: tuple[int, int],
                 stamp: FrameStamp | None) -> Detections:

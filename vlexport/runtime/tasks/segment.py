@@ -315,13 +315,7 @@ class SegmentTask(PartTask):
         self, images: Sequence[np.ndarray], stamps: Sequence[FrameStamp | None] | None = None
     ) -> list[Segmentation]:
         """Segment several frames, one after the other (each frame's crops form the graph batches)."""
-        images, stamps = self._validated_frames(images, stamps, "segment_batch")
-        times = {"preprocess": 0.0, "infer": 0.0, "postprocess": 0.0}
-        out: list[Segmentation] = []
-        for img, stamp in zip(images, stamps):
-            out.append(self._segment_one(img, stamp, times))
-        self.timings = times
-        return out
+        return self._one_by_one(images, stamps, "segment_batch", self._segment_one)
 
     def preprocess(self, bgr: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int, int]], tuple[int, int]]:
         """One frame -> (crops ``[n, 3, c, c]`` float32, their windows, the resized ``(H, W)``)."""
