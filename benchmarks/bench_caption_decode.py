@@ -38,17 +38,12 @@ def _bundle(args: argparse.Namespace, tmp: str) -> Path:
 def _step_fn(path: Path, threads: int, cfg: dict):
     """A decoder step for ``vlexport.runtime.decoding`` over one graph file (what CaptionTask does)."""
     from vlexport.runtime.backends.onnxruntime import OrtBackend
+    from vlexport.runtime.decoding import decoder_feeds
 
     backend = OrtBackend(path, providers=["CPUExecutionProvider"], threads=threads)
 
     def step(prefix, ids, mask, past):
-        b = ids.shape[0]
-        if past is None:
-            past = np.zeros((cfg["num_layers"], 2, b, cfg["num_heads"], 0, cfg["head_dim"]), np.float32)
-        if prefix is None:
-            prefix = np.zeros((b, 0, cfg["embed_size"]), np.float32)
-        out = backend.infer({"prefix_embeds": prefix, "input_ids": ids, "attention_mask": mask,
-                             "past_key_values": past})
+        out = backend.infer(decoder_feeds(cfg, prefix, ids, mask, past))
         return out["logits"], out["present_key_values"]
 
     return step, backend

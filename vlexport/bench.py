@@ -686,14 +686,12 @@ def _eager_modules(bundle: Bundle) -> dict[str, Any]:
 def _torch_step(module: Any, s: dict[str, Any], device: str) -> Callable:
     import torch
 
+    from vlexport.runtime.decoding import decoder_feeds
+
     def step(prefix, ids, mask, past):
-        b = ids.shape[0]
-        if past is None:
-            past = np.zeros((s["num_layers"], 2, b, s["num_heads"], 0, s["head_dim"]), np.float32)
-        if prefix is None:
-            prefix = np.zeros((b, 0, s["embed_size"]), np.float32)
-        args = [torch.from_numpy(np.ascontiguousarray(a)).to(device)
-                for a in (prefix.astype(np.float32), ids, mask, past.astype(np.float32))]
+        feeds = decoder_feeds(s, prefix, ids, mask, past)
+        args = [torch.from_numpy(feeds[name]).to(device)
+                for name in ("prefix_embeds", "input_ids", "attention_mask", "past_key_values")]
         with torch.inference_mode():
             logits, present = module(*args)
         return logits.float().cpu().numpy(), present.float().cpu().numpy()

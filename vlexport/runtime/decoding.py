@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,23 @@ class DecodeResult:
     score: float
     steps: int
     ended: bool = False
+
+
+def decoder_feeds(settings: dict[str, Any], prefix_embeds: np.ndarray | None, input_ids: np.ndarray,
+                  attention_mask: np.ndarray, past: np.ndarray | None, *, prefix_dtype: Any = np.float32,
+                  kv_dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """The decoder graph's four inputs for one step, an absent prefix or cache made empty.
+
+    ``settings`` is the bundle's ``caption`` section (``num_layers``, ``num_heads``, ``head_dim``,
+    ``embed_size``): only the graph's owner knows the shape of an empty cache.
+    """
+    b = input_ids.shape[0]
+    if past is None:
+        past = np.zeros((settings["num_layers"], 2, b, settings["num_heads"], 0, settings["head_dim"]), kv_dtype)
+    if prefix_embeds is None:
+        prefix_embeds = np.zeros((b, 0, settings["embed_size"]), prefix_dtype)
+    return {"prefix_embeds": np.ascontiguousarray(prefix_embeds, dtype=prefix_dtype), "input_ids": input_ids,
+            "attention_mask": attention_mask, "past_key_values": np.ascontiguousarray(past, dtype=kv_dtype)}
 
 
 # -- pieces --------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import numpy as np
 
 from vlexport.errors import BundleError, UsageError
 from vlexport.runtime.bundle import Bundle
-from vlexport.runtime.decoding import DecodeResult, beam_search, check_decode_options, greedy_decode
+from vlexport.runtime.decoding import DecodeResult, beam_search, check_decode_options, decoder_feeds, greedy_decode
 from vlexport.runtime.preprocess import check_image
 from vlexport.runtime.results import Caption, FrameStamp
 from vlexport.runtime.tasks.base import IMAGE_INPUT, PartTask, choose_precision, now_ms
@@ -468,16 +468,8 @@ class CaptionTask(PartTask):
         """One decoder run in the shape :mod:`vlexport.runtime.decoding` expects."""
         s = self.settings
         b = input_ids.shape[0]
-        if past is None:
-            past = np.zeros((s["num_layers"], 2, b, s["num_heads"], 0, s["head_dim"]), self._kv_dtype)
-        if prefix_embeds is None:
-            prefix_embeds = np.zeros((b, 0, s["embed_size"]), self._prefix_dtype)
-        feeds = {
-            "prefix_embeds": np.ascontiguousarray(prefix_embeds, dtype=self._prefix_dtype),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "past_key_values": np.ascontiguousarray(past, dtype=self._kv_dtype),
-        }
+        feeds = decoder_feeds(s, prefix_embeds, input_ids, attention_mask, past, prefix_dtype=self._prefix_dtype,
+                              kv_dtype=self._kv_dtype)
         out = self.decoder.infer(feeds)
         logits = np.asarray(out["logits"], np.float32)
         if logits.shape != (b, s["vocab_size"]):
