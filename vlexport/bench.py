@@ -631,8 +631,13 @@ def _sclip_modules(bundle: Bundle) -> dict[str, Any]:
     from vlexport.models.clip_towers import load_clip_model
     from vlexport.models.sclip import SCLIPConfig, SCLIPSegmenter
 
-    config = _config(SCLIPConfig, {**_model_config(bundle), "clip_pretrained": None})  # random: same latency
-    seg = SCLIPSegmenter(load_clip_model(config.clip_model, None, allow_random=True), config)
+    data = _model_config(bundle)
+    legacy = data.pop("quick_gelu", None)  # bundles from before the loader decided the activation
+    tower = (bundle.manifest.get("provenance") or {}).get("text_encoder") or {}
+    activation = tower.get("activation") or ("quickgelu" if legacy else "auto")
+    # Random weights: the same latency; the activation as exported.
+    config = _config(SCLIPConfig, {**data, "clip_pretrained": None, "clip_activation": activation})
+    seg = SCLIPSegmenter(load_clip_model(config.clip_model, None, activation=activation, allow_random=True), config)
     seg.text_embeddings = torch.from_numpy(np.ascontiguousarray(bundle.load_vocab()["embeddings"], np.float32))
     return {"segmenter": seg.crop_part()}
 

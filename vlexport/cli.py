@@ -80,6 +80,9 @@ def precision_options(fn):
                           "onnxruntime's fast x86 path (TensorRT cannot take it)."),
         click.option("--val", help="Images for the parity check; a labelled dataset (YOLO data.yaml/folder or COCO json) also gates INT8 by mAP."),
         click.option("--max-drop", default=1.0, show_default=True, type=float, help="Points of mAP50-95 INT8 may lose against FP32 (with --val)."),
+        click.option("--strict", is_flag=True,
+                     help="Fail (write nothing) when an FP16 or INT8 graph fails its checks; by default it is left out "
+                          "of the bundle with a warning and the reason in the manifest (FP32 failing always fails)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -93,7 +96,15 @@ def _precision(kw: dict):
                             calib_size=kw.pop("calib_size"), calib_seed=kw.pop("calib_seed"),
                             calib_method=kw.pop("calib_method"), int8_target=kw.pop("int8_target"),
                             val=kw.get("parity_source"),
-                            max_drop=kw.pop("max_drop"))
+                            max_drop=kw.pop("max_drop"), strict=kw.pop("strict"))
+
+
+def clip_activation_option(fn):
+    """--clip-activation, shared by the families with a CLIP tower."""
+    return click.option(
+        "--clip-activation", type=click.Choice(["quickgelu", "gelu"]), default=None,
+        help="MLP activation of the CLIP towers [default: from the weights: QuickGELU for OpenAI's layout or tags, "
+             "the open_clip config's otherwise]. Pass gelu for open_clip weights trained with nn.GELU.")(fn)
 
 
 # --------------------------------------------------------------------------- export: kdeov
@@ -122,6 +133,7 @@ def _vocabulary(classes: str | None, vocab: str | None) -> list[str] | None:
               help="Prompt templates: imagenet80 (the 80 CLIP ImageNet templates), single, or a file (one per line, with {}).")
 @click.option("--clip-model", help="open_clip model of the frozen text tower (default: the preset's, ViT-B-32).")
 @click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai).")
+@clip_activation_option
 @click.option("--boxes", "box_source", type=click.Choice(["grid", "yolo"]),
               help="Box source: grid default boxes, or the YOLOv8 head's own regression.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset.")
@@ -163,6 +175,14 @@ def _print_export_report(report) -> None:
             for name, m in outs.items()
         )
         click.echo(f"  parity {key:<22} {figures}")
+    for name, info in report.fp16.items():
+        if len(info.get("rounds", [])) > 1:
+            last = info["rounds"][-1]
+            click.echo(f"  fp16 {name}: {len(info['rounds']) - 1} round(s) of FP32 island search, "
+                       f"{last['fp32_nodes']} of {info['nodes']} node(s) in FP32, "
+                       f"{'passed' if last['passed'] else 'failed'}")
+    for key, reason in report.refused.items():
+        click.secho(f"  refused {key:<21} {reason}", fg="yellow")
     if report.metrics:
         click.echo(_metrics_table(report.metrics))
     for r in report.gate:
@@ -222,12 +242,18 @@ def yolo_cmd(**kw) -> None:
 # --------------------------------------------------------------------------- export: sclip
 @cli.command("sclip")
 @click.option("--preset", default="vit-b16", show_default=True, help="tiny, vit-b16 (ViT-B/16), vit-l14-336.")
-@click.option("--classes", help='Class names, comma-separated; put synonyms of one class in a --vocab line instead.')
+@click.option("--classes", help='Classes separated by ","; synonyms of one class separated by "|", e.g. '
+                               '"background|sky|wall,cat,dog" (3 classes, the first with 3 synonyms: the same as a '
+                               '--vocab line "background, sky, wall").')
 @click.option("--vocab", type=click.Path(path_type=Path), help='One class per line; synonyms on one line separated by ", ".')
 @click.option("--templates", default="imagenet80", show_default=True, help="imagenet80, single, or a file (one per line, with {}).")
 @click.option("--clip-model", help="open_clip model (default: the preset's).")
 @click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai).")
+@clip_activation_option
 @click.option("--imgsz", "short_side", type=int, help="Short side the image is resized to (default 336).")
+@click.option("--max-long-side", type=click.IntRange(1),
+              help="Cap on the long side after that resize: scale = min(imgsz / short side, this / long side) "
+                   "(default 2048, as SCLIP's Resize(scale=(2048, 336))).")
 @click.option("--slide-crop", type=int, help="Sliding-window crop (default 224).")
 @click.option("--slide-stride", type=int, help="Sliding-window stride (default 112).")
 @click.option("--pamr-steps", default=0, show_default=True, type=click.IntRange(0), help="PAMR refinement iterations (0: off, as SCLIP's configs).")
@@ -235,6 +261,9 @@ def yolo_cmd(**kw) -> None:
               help="Run PAMR in the runtime (numpy) or as an exported `refiner` graph (see benchmarks/bench_sclip_slide.py).")
 @click.option("--logit-scale", type=float, help="Temperature before the softmax (default 40).")
 @click.option("--prob-threshold", type=float, help="Pixels below this probability go to --background-index.")
+@click.option("--area-threshold", type=float,
+              help="Drop classes (not the background) whose argmax area is at most this fraction of the non-background "
+                   "pixels, as SCLIP's area_thd (0.1 for VOC21); needs --background-index.")
 @click.option("--background-index", type=int, help="Class index that collects uncertain pixels (e.g. 0 for VOC).")
 @click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/sclip-PRESET].")
 @click.option("--overwrite", is_flag=True)
@@ -245,17 +274,21 @@ def sclip_cmd(**kw) -> None:
 
     \b
     Examples:
-      vlexport sclip --vocab voc21.txt --background-index 0 --prob-threshold 0.1 --fp16
-      vlexport sclip --preset tiny --classes "sky,tree,person" --out /tmp/seg   # seconds, random weights
+      vlexport sclip --vocab cls_voc21.txt --logit-scale 65 --background-index 0 --prob-threshold 0.1 \\
+          --area-threshold 0.1 --fp16                                   # SCLIP's VOC21 configuration
+      vlexport sclip --preset tiny --classes "sky|clouds,tree,person" --out /tmp/seg   # seconds, random weights
     """
     _require_export_extra()
     from vlexport.export.sclip import SCLIPExportOptions, export_sclip
+    from vlexport.models.sclip import classes_from_option
     from vlexport.models.text import parse_vocabulary
 
     kw["parity_source"] = kw.pop("val")
     precision = _precision(kw)
     precision.check()
-    classes = parse_vocabulary(kw.pop("classes"), kw.pop("vocab"))
+    names, vocab = kw.pop("classes"), kw.pop("vocab")
+    # --classes: "," between classes, "|" between the synonyms of one class (SCLIP-only syntax).
+    classes = classes_from_option(names) if names is not None and vocab is None else parse_vocabulary(names, vocab)
     out = kw.pop("out") or Path("bundles") / f"sclip-{kw['preset']}"
     report = export_sclip(SCLIPExportOptions(out=out, classes=classes, precision=precision, **kw))
     _print_export_report(report)
@@ -314,6 +347,7 @@ def detr_cmd(**kw) -> None:
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Trained captioner (from `vlexport train-captioner`).")
 @click.option("--clip-model", help="open_clip vision tower (default: the preset's).")
 @click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai).")
+@clip_activation_option
 @click.option("--gpt2", "gpt2_weights", help='GPT-2 weights: a hub name found in the local Hugging Face cache ("gpt2"), a folder or a file.')
 @click.option("--tokenizer", type=click.Path(path_type=Path),
               help="Folder with GPT-2's vocab.json + merges.txt (or encoder.json + vocab.bpe) [default: the HF cache's gpt2].")
@@ -393,32 +427,76 @@ def multiscale_cmd(**kw) -> None:
 
 # --------------------------------------------------------------------------- training
 @cli.command("train-kdeov")
-@click.option("--images", required=True, type=click.Path(path_type=Path), help="Folder of training images.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Labelled detection dataset (YOLO data.yaml/folder or COCO json): train the detection path.")
+@click.option("--images", type=click.Path(path_type=Path),
+              help="Folder of unlabelled images: distil the CLIP image tower into the pooled embedding (global).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Checkpoint to write (.pt, tensors only).")
 @click.option("--preset", default="yolov8n-vitb32", show_default=True)
-@click.option("--backbone-weights", type=click.Path(path_type=Path), help="Ultralytics checkpoint to start the backbone from.")
+@click.option("--backbone-weights", type=click.Path(path_type=Path),
+              help="Ultralytics checkpoint to start the backbone, neck and box head from (e.g. the COCO YOLOv8n).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow loading pickled (Ultralytics) checkpoints.")
-@click.option("--steps", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--classes", help="With --data: train only these class names of the dataset, comma-separated (e.g. base classes).")
+@click.option("--templates", default="imagenet80", show_default=True, help="With --data: prompt templates of the class embeddings.")
+@click.option("--clip-model", help="With --data: open_clip model of the frozen text tower (default: the preset's).")
+@click.option("--clip-pretrained", help="With --data: open_clip pretrained tag or a local weights file.")
+@clip_activation_option
+@click.option("--freeze", default="heads", show_default=True, type=click.Choice(["heads", "backbone", "none"]),
+              help="With --data: what stays fixed: heads (backbone, neck, class and box branches), backbone, or none.")
+@click.option("--distill-regions", "region_distill_weight", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="With --data: weight pulling region embeddings towards CLIP's embedding of each box crop (ViLD).")
+@click.option("--steps", default=None, type=click.IntRange(1), help="Optimiser steps [default: 200 with --data, 100 with --images].")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Images per step [default: 16 with --data, 8 with --images].")
+@click.option("--lr", default=None, type=float, help="Learning rate [default: 5e-4 with --data, 1e-3 with --images].")
 @click.option("--imgsz", type=int, help="Training image size (default: the preset's).")
+@click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(0),
+              help="With --data: write the checkpoint every N steps (0: only at the end).")
+@click.option("--resume", type=click.Path(path_type=Path), help="With --data: continue a checkpoint written by train-kdeov --data.")
+@click.option("--device", help="cpu or cuda [default: a GPU when there is one].")
 @click.option("--dino-weight", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="Weight of DINO self-distillation added to the loss (0: off).")
-def train_kdeov_cmd(images: Path, out: Path, preset: str, backbone_weights: Path | None, trust_checkpoint: bool,
-                    steps: int, batch_size: int, lr: float, imgsz: int | None, dino_weight: float) -> None:
-    """Distil the frozen CLIP image tower into the KDEOV student on a folder of images (CPU is fine).
+              help="With --images: weight of DINO self-distillation added to the loss (0: off).")
+def train_kdeov_cmd(data: Path | None, images: Path | None, out: Path, preset: str, backbone_weights: Path | None,
+                    trust_checkpoint: bool, classes: str | None, templates: str, clip_model: str | None,
+                    clip_pretrained: str | None, clip_activation: str | None, freeze: str,
+                    region_distill_weight: float, steps: int | None, batch_size: int, lr: float | None,
+                    imgsz: int | None, checkpoint_every: int, resume: Path | None, device: str | None,
+                    dino_weight: float) -> None:
+    """Train the KDEOV student: its detection path on labelled boxes (--data), or its global image
+    embedding by distilling the CLIP image tower on unlabelled images (--images). CPU is fine.
 
     \b
-    Example:
+    Examples:
+      vlexport train-kdeov --data coco128/data.yaml --backbone-weights yolov8n_coco_state_dict.pt --out student.pt
+      vlexport train-kdeov --data coco128/data.yaml --classes "person,car,dog" --distill-regions 1 --out base.pt
+      vlexport train-kdeov --data coco128/data.yaml --resume student.pt --steps 600 --out student.pt
       vlexport train-kdeov --images coco128/images/train2017 --preset tiny --steps 50 --out student.pt
       vlexport kdeov --checkpoint student.pt --fp16
     """
     _require_export_extra()
+    if (data is None) == (images is None):
+        raise UsageError("pass --data DATASET (detection) or --images FOLDER (global distillation), not both or neither")
+    if data is not None:
+        from vlexport.models.kdeov_detection import DetectionTrainOptions, train_kdeov_on_dataset
+
+        if imgsz is not None and (imgsz < 32 or imgsz % 32):
+            raise UsageError(f"--imgsz must be a multiple of 32 and at least 32, got {imgsz}")
+        names = None if classes is None else _vocabulary(classes, None)
+        options = DetectionTrainOptions(steps=steps or 200, batch_size=batch_size or 16, lr=lr or 5e-4, freeze=freeze,
+                                        region_distill_weight=region_distill_weight,
+                                        checkpoint_every=checkpoint_every, device=device)
+        history = train_kdeov_on_dataset(data, out, preset=preset, backbone_weights=backbone_weights,
+                                         trust_checkpoint=trust_checkpoint, classes=names, templates=templates,
+                                         clip_model=clip_model, clip_pretrained=clip_pretrained,
+                                         clip_activation=clip_activation, image_size=imgsz, options=options,
+                                         resume=resume)
+        click.secho(f"checkpoint written: {out}  (loss {history[0]['loss']:.4f} → {history[-1]['loss']:.4f} "
+                    f"over {len(history)} steps)", fg="green")
+        return
     from vlexport.models.train import train_kdeov_on_folder
 
     history = train_kdeov_on_folder(images, out, preset=preset, backbone_weights=backbone_weights,
-                                    trust_checkpoint=trust_checkpoint, steps=steps, batch_size=batch_size,
-                                    lr=lr, image_size=imgsz, dino_weight=dino_weight)
+                                    trust_checkpoint=trust_checkpoint, steps=steps or 100, batch_size=batch_size or 8,
+                                    lr=lr or 1e-3, image_size=imgsz, dino_weight=dino_weight)
     click.secho(f"checkpoint written: {out}  (loss {history[0]:.4f} → {history[-1]:.4f} over {len(history)} steps)", fg="green")
 
 
@@ -616,6 +694,9 @@ def bench_cmd(bundle: Path, source: str | None, runs: int, warmup: int, threads:
 @click.option("--score-threshold", type=float, help="Override the detection bundle's score threshold.")
 @click.option("--iou-threshold", type=float, help="Override the detection bundle's NMS IoU threshold.")
 @click.option("--max-detections", type=int, help="Override the detection bundle's maximum detections per frame.")
+@click.option("--classes", "run_classes",
+              help='Detect these classes instead of the bundle\'s, e.g. "forklift,pallet" (a --vocab-mode input '
+                   'bundle exported --with-text-encoder; the names are embedded on the spot, no torch needed).')
 @click.option("--max-length", type=int, help="Override the captioner's maximum caption length.")
 @click.option("--track", is_flag=True, help="Give detections stable ids across frames (ByteTrack; the track extra).")
 @click.option("--realtime", is_flag=True, help="Read a video file at its own frame rate, as a live source (late frames dropped).")
@@ -628,7 +709,7 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
             save: Path | None, jsonl: Path | None, stats_json: Path | None, precision: str | None,
             backend: str | None, threads: int | None, score_threshold: float | None, iou_threshold: float | None,
             max_detections: int | None, max_length: int | None, track: bool, realtime: bool, no_reconnect: bool,
-            max_frames: int | None, show: bool, no_progress: bool) -> None:
+            max_frames: int | None, show: bool, no_progress: bool, run_classes: str | None = None) -> None:
     """Run bundles on images, video, cameras or streams; write an annotated video and/or JSONL.
 
     One BUNDLE runs alone (its task decides what it does). Several bundles share one stream at
@@ -643,6 +724,7 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
       vlexport run --detect bundles/yolo --segment bundles/seg --segment-every 5 \\
           --caption bundles/cap --caption-every 2 --source rtsp://camera/stream --save out.mp4
       vlexport run bundles/cap --source photos/ --jsonl captions.jsonl
+      vlexport run bundles/kdeov-input --classes "forklift,pallet" --source warehouse.mp4 --save out.mp4
     """
     from vlexport import runtime
     from vlexport.atomic import write_json_atomic
@@ -666,6 +748,13 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
                          "give a detection bundle")
     if max_length is not None and roles["caption"] is None:
         raise UsageError("--max-length applies to captioning: give a captioner bundle")
+    new_classes = None
+    if run_classes is not None:
+        if roles["detect"] is None:
+            raise UsageError("--classes applies to detection: give a detection bundle")
+        from vlexport.runtime.text_encoder import check_class_names
+
+        new_classes = check_class_names([c.strip() for c in run_classes.split(",") if c.strip()])
     overrides = {"detect": detect_overrides, "segment": {},
                  "caption": {"max_length": max_length} if max_length is not None else {}}
     if show:
@@ -680,6 +769,11 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
                 tasks[role] = runtime.load(path, precision=precision, backend=backend, threads=threads, **overrides[role])
                 if tasks[role].bundle.task != role:
                     raise UsageError(f"--{role} {path} is a {tasks[role].bundle.task} bundle")
+                if role == "detect" and new_classes is not None:
+                    if not callable(getattr(tasks[role], "set_vocabulary", None)):
+                        raise UsageError(f"{path}: this {tasks[role].bundle.family} bundle has a fixed vocabulary; "
+                                         "--classes needs a kdeov bundle exported with --vocab-mode input")
+                    tasks[role].set_vocabulary(new_classes)  # a baked bundle or no text_encoder: one clear error
         tracker = None
         if track:
             if "detect" not in tasks:

@@ -40,7 +40,8 @@ def test_export_inspect_run_image_and_video(tmp_path, assets):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["vocabulary"]["classes"] == ["person", "bus", "car"]
     assert manifest["validation"]["parity_images"]["source"] == str(assets / "images")
-    assert manifest["provenance"]["text_encoder"]["trained"] is False
+    assert manifest["provenance"]["text_encoder"]["weights_source"] == "random(seed=0)"
+    assert manifest["provenance"]["weights_source"] == "random"  # no --checkpoint: an untrained student
 
     r = invoke("inspect", str(out))
     assert r.exit_code == 0, r.output
@@ -213,5 +214,5 @@ def test_train_then_export_the_trained_student(tmp_path, assets):
     r = invoke("kdeov", "--checkpoint", str(ckpt), "--classes", "person,dog", "--templates", "single", "--out", str(out))
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
-    assert m["provenance"]["student_trained"] is True and m["provenance"]["checkpoint_sha256"]
+    assert m["provenance"]["weights_source"] == f"file:{ckpt.resolve()}" and m["provenance"]["checkpoint_sha256"]
     assert m["preset"] == "checkpoint" and m["model"]["config"]["backbone"] == "simple"  # its own config (tiny)

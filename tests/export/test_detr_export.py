@@ -179,6 +179,8 @@ def test_fp16_is_finite_and_keeps_the_top_queries(bundle, checkpoint, assets):
     m = json.loads((bundle / "manifest.json").read_text())
     fam = m["validation"]["detr"]["fp16"]
     assert fam["finite"] and fam["topk_agreement"] == 1.0 and fam["topk_min_iou"] > 0.9
+    from vlexport.export.detr import TOPK_TIE
+
     k = 5  # half the queries: the top half must be the same set, boxes in place
     for name, frame in source_frames(assets).items():
         ref = reference(checkpoint[1], frame)
@@ -186,7 +188,13 @@ def test_fp16_is_finite_and_keeps_the_top_queries(bundle, checkpoint, assets):
         assert all(np.isfinite(v).all() for v in got.values() if v.dtype.kind == "f"), name
         top_ref = np.argsort(-ref["scores"])[:k]
         top_got = np.argsort(-got["scores"])[:k]
-        assert set(top_ref) == set(top_got), (name, ref["scores"][top_ref], got["scores"][top_got])
+        # The same set up to ties: FP16 keeps about three digits, so a query whose FP32 score is within
+        # TOPK_TIE of the K-th best may take its place (the export's topk_agreement, checked above).
+        # On 000000000025.jpg the 5th and 6th FP32 scores differ by 1.3e-4; the FP16 error is ~3e-3.
+        kth = ref["scores"][top_ref[-1]]
+        swapped_in = [i for i in top_got if i not in set(top_ref)]
+        assert all(ref["scores"][i] >= kth - TOPK_TIE for i in swapped_in), (
+            name, ref["scores"][top_ref], ref["scores"][swapped_in])
         assert iou(ref["boxes"][top_ref], got["boxes"][top_ref]).min() > 0.9, name
         assert (got["labels"][top_ref] == ref["labels"][top_ref]).all(), name
 

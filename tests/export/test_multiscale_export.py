@@ -136,7 +136,8 @@ def test_trained_checkpoint_exports_and_segments_like_pytorch(tmp_path, assets):
     assert r.exit_code == 0, r.output
     assert "parity segmenter/fp32" in r.output
     m = json.loads((out / "manifest.json").read_text())
-    assert m["warnings"] == [] and m["provenance"]["trained"] is True
+    assert m["warnings"] == [] and m["provenance"]["weights_source"] == f"file:{ckpt.resolve()}"
+    assert m["provenance"]["checkpoint_sha256"]
     assert m["vocabulary"]["classes"] == ["background", "person"]
 
     with load(out, precision="fp32", threads=1) as task:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import cv2
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -97,16 +99,48 @@ def test_bad_sclip_arguments(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.slow
-def test_vit_b16_parity(tmp_path, assets):
-    """Real size (ViT-B/16, random weights): the exported segmenter matches PyTorch."""
-    from vlexport.export.sclip import SCLIPExportOptions, export_sclip
+@pytest.fixture(scope="module")
+def openai_vit_b16_file(tmp_path_factory):
+    """Seeded random ViT-B/16 weights in OpenAI's layout, fp16 as OpenAI ships them (what an offline device has)."""
+    import open_clip
 
-    report = export_sclip(SCLIPExportOptions(out=tmp_path / "b", preset="vit-b16", classes=["sky", "tree", "person"],
-                                             templates="single", parity_source=str(assets / "images" / "bus.jpg"),
-                                             parity_count=1))
+    torch.manual_seed(16)
+    model = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True)
+    path = tmp_path_factory.mktemp("clip") / "ViT-B-16.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_vit_b16_openai_file_parity_and_runtime_labels(tmp_path, assets, openai_vit_b16_file):
+    """Real size, OpenAI-layout weights file: QuickGELU on both towers, the exported segmenter matches
+    PyTorch, and the runtime's labels equal PyTorch's segment() (FP32 >= 99.99 %, FP16 >= 99.5 %)."""
+    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.sclip import SCLIPExportOptions, export_sclip
+    from vlexport.models.sclip import SCLIPSegmenter
+
+    classes = ["sky", "tree", "person", "bus", "road", "building", "car", "window"]
+    report = export_sclip(SCLIPExportOptions(out=tmp_path / "b", preset="vit-b16", classes=classes,
+                                             clip_pretrained=str(openai_vit_b16_file), templates="single",
+                                             parity_source=str(assets / "images" / "bus.jpg"), parity_count=1,
+                                             precision=PrecisionOptions(fp16=True)))
     p = report.parity["segmenter/fp32"]["logits"]
     assert p["max_abs"] < 1e-3 and p["agreement"] >= 0.999
+    m = json.loads((report.path / "manifest.json").read_text())
+    assert m["provenance"]["text_encoder"]["activation"] == "quickgelu"
+
+    seg = SCLIPSegmenter.from_preset("vit-b16", classes, pretrained=str(openai_vit_b16_file),
+                                     templates=("a photo of a {}.",))
+    assert seg.loaded.activation == "quickgelu"
+    for name in ("bus.jpg", "zidane.jpg"):
+        img = cv2.imread(str(assets / "images" / name))
+        with torch.no_grad():
+            ref = seg.segment(img)
+        fp32 = load(report.path, precision="fp32").segment(img).label_map
+        fp16 = load(report.path, precision="fp16").segment(img).label_map
+        assert fp32.shape == ref.shape == img.shape[:2]
+        assert (fp32 == ref).mean() >= 0.9999, name
+        assert (fp16 == ref).mean() >= 0.995, name
 
 
 def test_int8_calibrates_on_the_sliding_window_crops(tmp_path, assets):
@@ -139,3 +173,82 @@ def test_pamr_in_runtime_and_in_graph_agree_with_pytorch(tmp_path, assets):
         ref = seg.segment(img)
     assert (labels["runtime"] == labels["graph"]).mean() > 0.999
     assert (labels["runtime"] == ref).mean() > 0.99
+
+
+def _thin(img, h: int, w: int):
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+
+
+def test_long_side_cap_and_small_windows_match_pytorch(tmp_path, assets):
+    """SCLIP's Resize(scale=(max_long, short)): a thin frame's capped short side falls below the crop
+    (tiny: 100x1000 -> 48x480 < 64, 300x2400 -> 60x480); the runtime cuts min(crop, side) windows and
+    the exported graph (dynamic crop size) gives PyTorch's labels."""
+    from vlexport.models.sclip import SCLIPSegmenter
+
+    out = tmp_path / "b"
+    r = invoke("sclip", "--preset", "tiny", "--classes", "sky,tree,person,bus", "--templates", "single",
+               "--max-long-side", "480", "--out", out)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["preprocess"]["max_long_side"] == 480
+    assert m["parts"]["segmenter"]["inputs"][0]["shape"] == ["crops", 3, "crop_height", "crop_width"]
+    task = load(out, precision="fp32")
+    seg = SCLIPSegmenter.from_preset("tiny", ["sky", "tree", "person", "bus"], templates=("a photo of a {}.",),
+                                     max_long_side=480)
+    bus = cv2.imread(str(assets / "images" / "bus.jpg"))
+    for (h, w), resized in (((100, 1000), (48, 480)), ((300, 2400), (60, 480))):
+        img = _thin(bus, h, w)
+        assert task.preprocess(img)[2] == resized
+        ours = task.segment(img).label_map
+        with torch.no_grad():
+            ref = seg.segment(img)
+        assert ours.shape == ref.shape == (h, w)
+        assert (ours == ref).mean() > 0.999
+
+
+def test_area_threshold_synonyms_and_probabilities_match_pytorch(tmp_path, assets):
+    """--classes with "|" synonyms lands like a --vocab file; --area-threshold reaches the manifest and
+    the runtime (with prob_threshold and background 0), whose labels and probabilities are PyTorch's."""
+    from vlexport.models.sclip import SCLIPSegmenter
+    from vlexport.models.text import parse_vocabulary
+
+    lines = ["background, sky, wall, road", "person", "bus", "car", "dog", "tree", "bicycle"]
+    common = ["--preset", "tiny", "--templates", "single", "--logit-scale", "65", "--background-index", "0",
+              "--prob-threshold", "0.1", "--area-threshold", "0.1"]
+    r = invoke("sclip", *common, "--classes", "background|sky|wall|road,person,bus,car,dog,tree,bicycle",
+               "--out", tmp_path / "cli")
+    assert r.exit_code == 0, r.output
+    (tmp_path / "voc.txt").write_text("\n".join(lines) + "\n")
+    assert parse_vocabulary(None, tmp_path / "voc.txt") == lines  # what --vocab hands the export
+    m = json.loads((tmp_path / "cli" / "manifest.json").read_text())
+    assert m["vocabulary"]["classes"] == lines
+    assert m["vocabulary"]["queries"] == ["background", "sky", "wall", "road", *lines[1:]]
+    assert m["segment"]["query_to_class"] == [0, 0, 0, 0, 1, 2, 3, 4, 5, 6]
+    assert m["segment"]["area_threshold"] == 0.1 and m["segment"]["logit_scale"] == 65
+
+    task = load(tmp_path / "cli", precision="fp32")
+    seg = SCLIPSegmenter.from_preset("tiny", lines, templates=("a photo of a {}.",), logit_scale=65,
+                                     prob_threshold=0.1, area_threshold=0.1)
+    no_area = SCLIPSegmenter(seg.loaded, dataclasses.replace(seg.config, area_threshold=0.0), lines,
+                             templates=("a photo of a {}.",))
+    changed = 0.0
+    for name in ("bus.jpg", "zidane.jpg"):
+        img = cv2.imread(str(assets / "images" / name))
+        img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        with torch.no_grad():
+            ref, ref_p = seg.segment(img), seg.probabilities(img).numpy()
+            changed = max(changed, float((no_area.segment(img) != ref).mean()))
+        ours = task.segment(img, return_probabilities=True)
+        assert (ours.label_map == ref).mean() > 0.99
+        assert (task.segment(img).label_map == ours.label_map).mean() > 0.999
+        assert ours.probabilities.shape == ref_p.shape == (len(lines), *img.shape[:2])
+        assert np.abs(ours.probabilities - ref_p).max() < 1e-4
+        best = ours.probabilities.max(0)
+        np.testing.assert_array_equal(ours.label_map, np.where(best < 0.1, 0, ours.probabilities.argmax(0)))
+    assert changed > 0.001  # the area threshold really changed PyTorch's labels on these images
+
+
+def test_area_threshold_needs_a_background(tmp_path):
+    r = invoke("sclip", "--preset", "tiny", "--classes", "a,b", "--area-threshold", "0.1", "--out", tmp_path / "b")
+    assert r.exit_code == 1 and "--area-threshold needs a background class" in r.output
+    assert not (tmp_path / "b").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from vlexport.errors import BundleError, UsageError
 from vlexport.runtime.draw import draw_caption, wrap_text
@@ -39,26 +40,29 @@ def test_clip_preprocess_equals_a_direct_computation(h, w, size, resized, left, 
     tensor, info = clip_preprocess(bgr, size, MEAN, STD)
     assert tensor.shape == (1, 3, size, size) and tensor.dtype == np.float32
     assert info == CropInfo(src_shape=(h, w), resized=resized, left=left, top=top, size=size)
-    img = bgr if resized == (w, h) else cv2.resize(bgr, resized, interpolation=cv2.INTER_CUBIC)
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    img = rgb if resized == (w, h) else np.asarray(Image.fromarray(rgb).resize(resized, Image.Resampling.BICUBIC))
     want = np.empty((3, size, size))
-    for c in range(3):  # RGB channel c is BGR channel 2 - c
-        want[c] = (img[top : top + size, left : left + size, 2 - c] / 255.0 - MEAN[c]) / STD[c]
+    for c in range(3):
+        want[c] = (img[top : top + size, left : left + size, c] / 255.0 - MEAN[c]) / STD[c]
     np.testing.assert_allclose(tensor[0], want, atol=1e-5)
 
 
-def test_clip_preprocess_geometry_matches_torchvision() -> None:
-    """torchvision's Resize(size) output size and CenterCrop offsets, on the same resized pixels."""
-    torch = pytest.importorskip("torch")
+def test_clip_preprocess_matches_torchvision_on_a_pil_image() -> None:
+    """open_clip's Resize(size, BICUBIC) + CenterCrop(size) on the PIL image: same size, offsets and pixels."""
     tvf = pytest.importorskip("torchvision.transforms.functional")
-    for h, w, size in [(37, 53, 16), (61, 30, 20), (20, 25, 20), (101, 77, 32)]:
+    from torchvision.transforms import InterpolationMode
+
+    for h, w, size in [(37, 53, 16), (61, 30, 20), (20, 25, 20), (101, 77, 32), (30, 90, 48)]:  # last one enlarges
         bgr = _frame(h, w, seed=h)
-        _, info = clip_preprocess(bgr, size, (0, 0, 0), (1, 1, 1), scale=1.0, rgb=False)
-        chw = torch.from_numpy(np.ascontiguousarray(bgr.transpose(2, 0, 1)))
-        assert tuple(tvf.resize(chw, size, antialias=True).shape[1:]) == (info.resized[1], info.resized[0])
-        resized = bgr if info.resized == (w, h) else cv2.resize(bgr, info.resized, interpolation=cv2.INTER_CUBIC)
-        tv_crop = tvf.center_crop(torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))), size)
-        ours, _ = clip_preprocess(bgr, size, (0, 0, 0), (1, 1, 1), scale=1.0, rgb=False)
-        np.testing.assert_array_equal(ours[0], tv_crop.numpy().astype(np.float32))
+        ours, info = clip_preprocess(bgr, size, (0, 0, 0), (1, 1, 1), scale=1.0)
+        pil = Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]))
+        resized = tvf.resize(pil, size, interpolation=InterpolationMode.BICUBIC)
+        assert resized.size == info.resized
+        crop = np.asarray(tvf.center_crop(resized, size))
+        np.testing.assert_array_equal(ours[0], crop.transpose(2, 0, 1).astype(np.float32))
+        bgr_order, _ = clip_preprocess(bgr, size, (0, 0, 0), (1, 1, 1), scale=1.0, rgb=False)
+        np.testing.assert_array_equal(bgr_order[0], ours[0][::-1])
 
 
 def test_crop_info_maps_the_crop_back_to_the_centre_of_the_frame() -> None:

@@ -18,6 +18,12 @@ def test_runtime_never_imports_torch(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     for i in range(2):
         cv2.imwrite(str(tmp_path / "img" / f"{i}.png"), np.full((48, 80, 3), 40 * i, np.uint8))
+    try:  # CLIP's BPE merges ship with open_clip; the runtime's tokenizer reads files written from them
+        import open_clip
+
+        bpe = open_clip.tokenizer.default_bpe()
+    except ImportError:
+        bpe = None
     code = textwrap.dedent(
         f"""
         import sys
@@ -35,6 +41,11 @@ def test_runtime_never_imports_torch(tmp_path: Path) -> None:
         draw.draw_detections(frame, det.detect(frame))
         vr.load({str(root)!r}, task="embed").embed(frame)
         from vlexport.runtime import decoding, pipeline, schedule, sources, tokenizer  # noqa: F401
+        from vlexport.runtime import clip_tokenizer, text_cache, text_encoder  # noqa: F401
+        if {bpe!r} is not None:
+            files = clip_tokenizer.write_tokenizer_files({str(tmp_path / "clip_tok")!r}, {bpe!r})
+            ids = clip_tokenizer.CLIPTokenizer.from_files(*files)(["a photo of a café crème."])
+            assert ids.shape == (1, 77) and ids[0, 0] == 49406
         from vlexport.runtime.tasks import binary_segment, caption, detr  # noqa: F401
         stats = pipeline.Pipeline({str(tmp_path / "img")!r}, detect=det).run()
         assert stats.processed == 2

@@ -49,6 +49,8 @@ def test_tiny_output_shape_and_attributes():
         "weights_source": loaded.weights_source,
         "weights_sha256": loaded.weights_sha256,
         "is_pretrained": False,
+        "activation": "gelu",  # random weights: the tiny config's own activation
+        "activation_source": "model config",
     }
     with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\]"):
         enc(torch.zeros(1, 3, 32, 32))
@@ -132,6 +134,17 @@ def test_unfrozen_copy_trains_without_touching_the_shared_clip():
 def test_bad_arguments_are_usage_errors(kwargs, match):
     with pytest.raises(UsageError, match=match):
         _tiny(**kwargs)
+
+
+@pytest.mark.parametrize("change", [{"interpolation": "bilinear"}, {"resize_mode": "squash"}])
+def test_a_tower_with_another_reference_preprocessing_is_refused(monkeypatch, change):
+    """The runtime's clip_preprocess is open_clip's default transform (bicubic, shortest side, crop)."""
+    import open_clip
+
+    real = open_clip.get_model_preprocess_cfg
+    monkeypatch.setattr(open_clip, "get_model_preprocess_cfg", lambda model: {**real(model), **change})
+    with pytest.raises(UsageError, match="captioner implements open_clip's default"):
+        _tiny()
 
 
 # --------------------------------------------------------------------------------------------------

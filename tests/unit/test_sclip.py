@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -193,3 +195,60 @@ def test_segment_with_pamr_and_threshold():
     image = np.random.default_rng(2).integers(0, 256, (40, 52, 3), dtype=np.uint8)
     labels = seg.segment(image)
     assert labels.shape == (40, 52) and set(np.unique(labels)) <= {0, 1}
+
+
+def test_traced_positional_interpolation_matches_the_reference(seg):
+    """The in-graph (traced) DINO-style interpolation equals F.interpolate's, quirk included."""
+    for gh, gw in [(4, 4), (3, 4), (2, 7), (5, 5), (1, 3), (2, 8), (8, 2)]:  # 2x8 / 8x2: 16 tokens keep the table
+        eager = seg._pos_embed(gh, gw)
+        traced = seg._pos_embed_traced(torch.tensor(gh), torch.tensor(gw))
+        assert traced.shape == eager.shape == (1 + gh * gw, eager.shape[1])
+        assert (traced - eager).abs().max() < 1e-5
+    assert torch.equal(seg._pos_embed_traced(torch.tensor(2), torch.tensor(8)), seg.visual.positional_embedding)
+
+
+def test_exported_crop_size_is_dynamic(seg, tmp_path):
+    """One graph takes full crops and the smaller windows of a thin frame (positional interpolation in-graph)."""
+    path = tmp_path / "segmenter.onnx"
+    axes = {0: "crops", 2: "crop_height", 3: "crop_width"}
+    torch.onnx.export(seg.crop_part(), (torch.randn(2, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
+                      input_names=["crops"], output_names=["logits"], dynamic_axes={"crops": axes, "logits": axes})
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for h, w in [(64, 64), (48, 64), (64, 40), (32, 32), (17, 64)]:
+        crops = torch.randn(3, 3, h, w)
+        (out,) = sess.run(None, {"crops": crops.numpy()})
+        with torch.no_grad():
+            ref = seg.crop_logits(crops).numpy()
+        assert out.shape == (3, 5, h, w)
+        assert np.abs(out - ref).max() < 1e-4
+
+
+def test_probabilities_area_threshold_and_segment(seg):
+    from vlexport.models.sclip import SCLIPSegmenter
+
+    image = np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    area = SCLIPSegmenter(seg.loaded, dataclasses.replace(seg.config, area_threshold=0.4, prob_threshold=0.5),
+                          seg.class_names, templates=SINGLE)
+    plain = seg.probabilities(image)
+    probs = area.probabilities(image)
+    assert probs.shape == (3, 50, 70)
+    counts = torch.bincount(plain.argmax(0).flatten(), minlength=3)[1:].float()
+    dropped = (counts <= 0.4 * counts.sum()).nonzero().flatten() + 1
+    assert len(dropped) > 0 and (probs[dropped] == 0).all()
+    kept = [c for c in range(3) if c not in dropped.tolist()]
+    assert torch.equal(probs[kept], plain[kept])
+    best, want = probs.max(0)
+    want[best < 0.5] = 0
+    np.testing.assert_array_equal(area.segment(image), want.numpy())
+
+
+def test_classes_option_synonyms():
+    from vlexport.models.sclip import classes_from_option
+
+    assert classes_from_option("background|sky| wall ,cat,dog") == ["background, sky, wall", "cat", "dog"]
+    assert classes_from_option("a,b,c") == ["a", "b", "c"]
+    assert split_synonyms(classes_from_option("road|street,car")) == (["road", "street", "car"], [0, 0, 1])
+    with pytest.raises(UsageError, match="more than once"):
+        classes_from_option("road|street,street")
+    with pytest.raises(UsageError, match="empty"):
+        classes_from_option(" | ,")

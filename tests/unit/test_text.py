@@ -229,13 +229,18 @@ def test_cache_second_call_encodes_nothing(tmp_path: Path) -> None:
     np.testing.assert_array_equal(third.embeddings[1:], first.embeddings)
 
 
-def test_cache_key_depends_on_model_weights_templates_and_class() -> None:
-    base = TextEmbeddingCache.key("ViT-B-32", "a" * 64, "imagenet80", "dog")
-    assert base == TextEmbeddingCache.key("ViT-B-32", "a" * 64, "imagenet80", "dog")
-    assert base != TextEmbeddingCache.key("ViT-B-32", "b" * 64, "imagenet80", "dog")
-    assert base != TextEmbeddingCache.key("ViT-B-32", "a" * 64, "single", "dog")
-    assert base != TextEmbeddingCache.key("ViT-B-16", "a" * 64, "imagenet80", "dog")
-    assert base != TextEmbeddingCache.key("ViT-B-32", "a" * 64, "imagenet80", "cat")
+def test_cache_key_depends_on_model_weights_activation_templates_and_class() -> None:
+    def key(model="ViT-B-32", sha="a" * 64, templates="imagenet80", name="dog", activation="quickgelu"):
+        return TextEmbeddingCache.key(model, sha, templates, name, activation=activation)
+
+    base = key()
+    assert base == key()
+    assert base != key(sha="b" * 64)
+    assert base != key(templates="single")
+    assert base != key(model="ViT-B-16")
+    assert base != key(name="cat")
+    # Embeddings cached under the wrong activation are never served for the other one.
+    assert base != key(activation="gelu")
 
 
 def test_other_templates_or_weights_miss_the_cache(tmp_path: Path, tiny: FrozenCLIPTextEncoder) -> None:
@@ -270,7 +275,7 @@ def test_unwritable_cache_warns_and_continues(
 def test_cache_ignores_corrupt_files(tmp_path: Path, tiny: FrozenCLIPTextEncoder) -> None:
     cache = TextEmbeddingCache(tmp_path)
     first = build_text_embeddings(tiny, CLASSES, TEMPLATES, "t", cache)
-    victim = cache.path(cache.key(tiny.model_name, tiny.weights_sha256, "t", "dog"))
+    victim = cache.path(cache.key(tiny.model_name, tiny.weights_sha256, "t", "dog", activation=tiny.activation))
     victim.write_bytes(b"truncated")
     again = build_text_embeddings(tiny, CLASSES, TEMPLATES, "t", cache)
     assert (again.encoded, again.cached) == (1, 2)

@@ -170,6 +170,7 @@ def evaluate_detector(
     progress: bool = True,
     max_images: int | None = None,
     per_class: bool = False,
+    only_classes: Sequence[str] | None = None,
 ) -> DetectionMetrics:
     """Run ``task`` (a runtime DetectTask: ``task.detect(bgr)``, ``task.classes``) on every image
     of ``dataset`` and score it with pycocotools.
@@ -178,8 +179,9 @@ def evaluate_detector(
     open-vocabulary one with any subset of COCO's names both work: only the classes both know
     are scored (a 4-class vocabulary is not charged for the 76 COCO classes it cannot name), and
     detections of classes the dataset lacks are ignored. ``max_images`` evaluates the first N
-    images only. For a fair score use images the model was not calibrated on
-    (:meth:`DetectionDataset.disjoint_split`).
+    images only. ``only_classes`` scores those dataset class names alone (e.g. the novel classes
+    of an open-vocabulary split, the detector still predicting every class it has). For a fair
+    score use images the model was not calibrated on (:meth:`DetectionDataset.disjoint_split`).
 
     Set the task's ``score_threshold`` low (e.g. 0.001) for a COCO-comparable mAP: detections it
     drops can never count.
@@ -208,6 +210,11 @@ def evaluate_detector(
             predictions.append({"image_id": i + 1, "category_id": category_id(target),
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     scored = sorted(set(mapping.values()))
+    if only_classes is not None:
+        wanted = {_norm(n) for n in only_classes}
+        scored = [i for i in scored if _norm(dataset.names[i]) in wanted]
+        if not scored:
+            raise UsageError(f"none of the classes {sorted(only_classes)} is both predicted and in the dataset")
     m, m50, by_cat = coco_evaluate(gt, predictions, per_class=per_class,
                                    category_ids=[category_id(i) for i in scored])
     named = None

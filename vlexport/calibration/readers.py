@@ -112,7 +112,7 @@ def _decode_file(path: Path) -> tuple[bytes, np.ndarray]:
 
 
 def _image_set(paths: list[Path], count: int, seed: int, exclude: set[str], kind: str,
-               source: Path) -> CalibrationSet:
+               source: Path, purpose: str = "calibration") -> CalibrationSet:
     if exclude:
         paths = [p for p in paths if str(p.resolve()) not in exclude]
         if not paths:
@@ -126,11 +126,11 @@ def _image_set(paths: list[Path], count: int, seed: int, exclude: set[str], kind
         digest.update(data)
         frames.append(img)
     if len(chosen) < count:
-        log.warning("calibration: %s has %d usable image(s), fewer than the %d asked for", source, len(chosen), count)
+        log.warning("%s: %s has %d usable image(s), fewer than the %d asked for", purpose, source, len(chosen), count)
     return CalibrationSet(frames, [str(p) for p in chosen], digest.hexdigest(), kind, str(source))
 
 
-def _video_set(path: Path, count: int, seed: int) -> CalibrationSet:
+def _video_set(path: Path, count: int, seed: int, purpose: str = "calibration") -> CalibrationSet:
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
@@ -164,7 +164,7 @@ def _video_set(path: Path, count: int, seed: int) -> CalibrationSet:
     if not frames:
         raise SourceError(f"no frame could be decoded from {path}")
     if len(frames) < min(count, total):
-        log.warning("calibration: %s ended after %d frames; got %d of %d", path, idx, len(frames), count)
+        log.warning("%s: %s ended after %d frames; got %d of %d", purpose, path, idx, len(frames), count)
     return CalibrationSet(frames, names, digest.hexdigest(), "video", str(path))
 
 
@@ -175,6 +175,7 @@ def calibration_frames(
     *,
     exclude: Iterable[str | Path] | None = None,
     split: str | None = None,
+    purpose: str = "calibration",
 ) -> CalibrationSet:
     """Up to ``count`` BGR frames to calibrate an INT8 model on, sampled deterministically.
 
@@ -182,30 +183,37 @@ def calibration_frames(
     spaced, the seed shifting their phase), a YOLO dataset (data.yaml — its ``split``, by default
     ``train`` — or a folder with images/ and labels/) or a COCO annotation JSON (its images).
     ``exclude``: image paths to leave out (compared resolved), e.g. the evaluation images, so a
-    model is never scored on the images that calibrated it.
+    model is never scored on the images that calibrated it. ``purpose`` names what the frames are
+    for in messages (see :func:`parity_frames`).
     """
     from vlexport.calibration.datasets import dataset_images, dataset_kind
 
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
-        raise UsageError(f"the calibration image count must be a positive integer, got {count!r}")
+        raise UsageError(f"the {purpose} image count must be a positive integer, got {count!r}")
     src = Path(source)
     if not src.exists():
-        raise SourceError(f"calibration source not found: {src}; {_hint()}")
+        raise SourceError(f"{purpose} source not found: {src}; {_hint()}")
     excluded = {str(Path(p).resolve()) for p in exclude} if exclude else set()
     kind = dataset_kind(src)
     if kind is not None:
         kind, paths = dataset_images(src, split=split)
         if not paths:
             raise SourceError(f"no images found in the {kind} dataset {src}")
-        return _image_set(paths, int(count), seed, excluded, kind, src)
+        return _image_set(paths, int(count), seed, excluded, kind, src, purpose)
     if src.is_dir():
         paths = list_images(src)
         if not paths:
             raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {src}; {_hint()}")
-        return _image_set(paths, int(count), seed, excluded, "images", src)
+        return _image_set(paths, int(count), seed, excluded, "images", src, purpose)
     suffix = src.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
-        return _image_set([src], int(count), seed, excluded, "image", src)
+        return _image_set([src], int(count), seed, excluded, "image", src, purpose)
     if suffix in VIDEO_EXTENSIONS:
-        return _video_set(src, int(count), seed)
-    raise UsageError(f"{src} is not a calibration source: {_hint()}")
+        return _video_set(src, int(count), seed, purpose)
+    raise UsageError(f"{src} is not a {purpose} source: {_hint()}")
+
+
+def parity_frames(source: str | Path, count: int, seed: int = 0) -> CalibrationSet:
+    """Up to ``count`` BGR frames for the parity check (``--val``), read as :func:`calibration_frames`
+    reads calibration sources; its messages say parity, not calibration."""
+    return calibration_frames(source, count, seed, purpose="parity")

@@ -35,6 +35,7 @@ class CaptionerExportOptions:
     checkpoint: Path | None = None  # from `vlexport train-captioner`
     clip_model: str | None = None
     clip_pretrained: str | None = None
+    clip_activation: str | None = None
     gpt2_weights: str | None = None  # hub name in the local HF cache, folder or file
     tokenizer: str | None = None  # folder with vocab.json + merges.txt (or encoder.json + vocab.bpe)
     region_classes: list[str] | None = None
@@ -70,10 +71,12 @@ def _model(opts: CaptionerExportOptions):
     from vlexport.models.captioner import build_captioner, load_captioner
 
     if opts.checkpoint is not None:
-        if any(v is not None for v in (opts.clip_model, opts.clip_pretrained, opts.gpt2_weights)):
-            raise UsageError("--checkpoint already fixes the CLIP tower and GPT-2; drop --clip-model/--clip-pretrained/--gpt2")
+        if any(v is not None for v in (opts.clip_model, opts.clip_pretrained, opts.clip_activation, opts.gpt2_weights)):
+            raise UsageError("--checkpoint already fixes the CLIP tower and GPT-2; drop "
+                             "--clip-model/--clip-pretrained/--clip-activation/--gpt2")
         return load_captioner(opts.checkpoint)
     overrides = {k: v for k, v in {"clip_model": opts.clip_model, "clip_pretrained": opts.clip_pretrained,
+                                   "clip_activation": opts.clip_activation,
                                    "gpt2_weights": opts.gpt2_weights}.items() if v is not None}
     return build_captioner(opts.preset, **overrides).eval()
 
@@ -101,7 +104,7 @@ def _region_classes(opts: CaptionerExportOptions, n: int) -> list[str]:
 
 def build_plan(opts: CaptionerExportOptions) -> ExportPlan:
     """Build (or load) the captioner and describe its two parts, the tokenizer and the decoding settings."""
-    from vlexport.calibration.readers import calibration_frames, synthetic_images
+    from vlexport.calibration.readers import parity_frames, synthetic_images
     from vlexport.calibration.weight_only import quantize_weights
     from vlexport.models.captioner import CaptionDecoderStep, CaptionEncoderGraph
     from vlexport.models.gpt2 import empty_cache
@@ -123,7 +126,7 @@ def build_plan(opts: CaptionerExportOptions) -> ExportPlan:
         return torch.from_numpy(clip_preprocess(frame, size, mean, std)[0])
 
     if opts.parity_source:
-        frames, label = calibration_frames(opts.parity_source, opts.parity_count).frames, str(opts.parity_source)
+        frames, label = parity_frames(opts.parity_source, opts.parity_count).frames, str(opts.parity_source)
     else:
         frames, label = synthetic_images(opts.parity_count, seed=0), "synthetic(seed=0)"
     images = torch.cat([frame_to_tensor(f) for f in frames])

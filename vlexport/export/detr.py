@@ -28,7 +28,7 @@ from torch import nn
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
-from vlexport.runtime.bundle import sha256_file
+from vlexport.export.provenance import checkpoint_provenance
 from vlexport.runtime.detr_preprocess import IMAGENET_MEAN, IMAGENET_STD, detr_preprocess
 from vlexport.runtime.spec import PartIO, TensorSpec
 
@@ -198,7 +198,7 @@ def _load_model(opts: DETRExportOptions) -> tuple[nn.Module, Any, str, dict[str,
         model = build_detr(opts.preset, **overrides).eval()
         config = model.config
         notes.append(f"no --checkpoint: DETR {opts.preset} has RANDOM weights, its detections are meaningless")
-        provenance: dict[str, Any] = {"checkpoint": None, "checkpoint_sha256": None, "trained": False}
+        provenance: dict[str, Any] = checkpoint_provenance(None, seed=0)
         return model, config, opts.preset, provenance, notes
     model, config, report = load_detr_checkpoint(opts.checkpoint, trust=opts.trust_checkpoint, **overrides)
     log.info("loaded %s", report.summary())
@@ -207,9 +207,7 @@ def _load_model(opts: DETRExportOptions) -> tuple[nn.Module, Any, str, dict[str,
         notes.append(f"{Path(opts.checkpoint).name} does not record dilation: assumed none; "
                      "pass --dilation for a DC5 model")
     provenance = {
-        "checkpoint": str(opts.checkpoint),
-        "checkpoint_sha256": sha256_file(opts.checkpoint),
-        "trained": True,
+        **checkpoint_provenance(opts.checkpoint),
         "checkpoint_report": {"entries": report.entries, "parameters": report.parameters,
                               "from_args": list(report.from_args), "assumed": list(report.assumed),
                               "dropped": len(report.dropped)},
@@ -232,10 +230,10 @@ def _class_names(opts: DETRExportOptions, num_classes: int) -> list[str]:
 
 
 def _parity_frames(opts: DETRExportOptions) -> tuple[list[np.ndarray], str]:
-    from vlexport.calibration.readers import calibration_frames, synthetic_images
+    from vlexport.calibration.readers import parity_frames, synthetic_images
 
     if opts.parity_source:
-        return calibration_frames(opts.parity_source, opts.parity_count).frames, str(opts.parity_source)
+        return parity_frames(opts.parity_source, opts.parity_count).frames, str(opts.parity_source)
     # Two aspect ratios, so that the dynamic height and width are exercised.
     frames = synthetic_images(opts.parity_count, seed=0)
     frames = [f if i % 2 == 0 else np.ascontiguousarray(f.transpose(1, 0, 2)) for i, f in enumerate(frames)]
@@ -309,7 +307,7 @@ def build_plan(opts: DETRExportOptions) -> ExportPlan:
         parity_images=samples,  # type: ignore[arg-type]  # a batch of differently sized frames
         parity_source=source,
         preprocess={"resize": "detr", "short_side": opts.size, "max_size": opts.max_size,
-                    "interpolation": "area when shrinking, else bilinear", "padding": "none", "color": "RGB",
+                    "interpolation": "bilinear", "padding": "none", "color": "RGB",
                     "scale": 1.0 / 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         postprocess={"type": "detr", "score_threshold": float(opts.score_threshold), "masks": masks,
                      "mask_threshold": 0.5, "boxes": "xyxy source pixels, not clipped", "nms": False},

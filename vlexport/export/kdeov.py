@@ -17,7 +17,9 @@ from torch import nn
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch, yolo_preprocess
+from vlexport.models.kdeov import folded_similarity
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
 
@@ -42,6 +44,7 @@ class KDEOVExportOptions:
     templates: str = "imagenet80"
     clip_model: str | None = None
     clip_pretrained: str | None = None
+    clip_activation: str | None = None
     box_source: str | None = None
     fp16: bool = False
     opset: int = 17
@@ -57,49 +60,6 @@ class KDEOVExportOptions:
     precision: PrecisionOptions | None = None  # INT8 calibration and gate; ``fp16`` above is the shortcut
 
 
-def folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text: torch.Tensor) -> torch.Tensor:
-    """``text @ normalize(GroupNorm(conv(x)))`` per location, without computing the D-channel map.
-
-    ``x`` [B, Cin, H, W] feeds a 1x1 ``conv`` (Cin → D) and a ``GroupNorm``; ``text`` is [C, D].
-    GroupNorm's statistics are linear/quadratic in ``x``: from the spatial mean x̄ and second
-    moment S = X Xᵀ / HW (the statistics derived in float64, so E[y²] − E[y]² does not cancel badly) we get
-    per-sample scales ``a`` and shifts ``b`` with ``GN(conv(x)) = W' x + c`` where
-    ``W' = a ⊙ W`` and ``c = a ⊙ bias + b``. Then the similarities are ``(T W') x + T c`` and the
-    squared norms the quadratic form ``xᵀ W'ᵀW' x + 2 cᵀW' x + |c|²``: GEMMs of width Cin
-    (64 for YOLOv8n's P3) instead of D (512). Returns [B, C, HW].
-    """
-    b, cin = x.shape[0], x.shape[1]
-    d, groups = conv.out_channels, norm.num_groups
-    w = conv.weight.reshape(d, cin)
-    bias = conv.bias if conv.bias is not None else torch.zeros(d, dtype=x.dtype, device=x.device)
-    xf = x.flatten(2)  # [B, Cin, HW]
-    hw = xf.shape[2]
-    # The moments are sums over HW done in float32 GEMMs; everything derived from them (tiny
-    # [Cin, Cin] matrices) is float64.
-    mean_x = xf.mean(dim=2).double()  # [B, Cin]
-    second = (torch.matmul(xf, xf.transpose(1, 2)) / hw).double()  # [B, Cin, Cin]
-    w64, bias64 = w.double(), bias.double()
-    mean_y = torch.matmul(mean_x, w64.t()) + bias64  # [B, D]: E[y_c]
-    sq_y = ((torch.matmul(w64, second) * w64).sum(-1)  # [B, D]: E[y_c^2]
-            + 2 * bias64 * torch.matmul(mean_x, w64.t()) + bias64 * bias64)
-    mu = mean_y.reshape(b, groups, -1).mean(-1, keepdim=True)
-    var = sq_y.reshape(b, groups, -1).mean(-1, keepdim=True) - mu * mu
-    scale = (1.0 / torch.sqrt(var + norm.eps)).expand(-1, -1, d // groups).reshape(b, d)  # [B, D]
-    shift = (-mu * (1.0 / torch.sqrt(var + norm.eps))).expand(-1, -1, d // groups).reshape(b, d)
-    gamma = norm.weight.double() if norm.affine else torch.ones(d, dtype=torch.float64)
-    beta = norm.bias.double() if norm.affine else torch.zeros(d, dtype=torch.float64)
-    a = gamma * scale  # GN(y)_c = a_c y_c + (gamma_c shift_c + beta_c)
-    w_eff = (a.unsqueeze(-1) * w64).to(x.dtype)  # [B, D, Cin]
-    c_eff = (a * bias64 + gamma * shift + beta).to(x.dtype)  # [B, D]
-    sim = torch.matmul(torch.matmul(text, w_eff), xf) + torch.matmul(c_eff, text.t()).unsqueeze(-1)  # [B, C, HW]
-    q = torch.matmul(w_eff.transpose(1, 2), w_eff)  # [B, Cin, Cin]
-    lin = 2.0 * torch.matmul(c_eff.unsqueeze(1), w_eff)  # [B, 1, Cin]
-    qx = torch.matmul(q, xf)  # [B, Cin, HW]
-    sq_norm = (torch.matmul(torch.ones_like(lin), qx * xf) + torch.matmul(lin, xf)
-               + (c_eff * c_eff).sum(-1, keepdim=True).unsqueeze(-1))  # [B, 1, HW]
-    return sim / sq_norm.clamp_min(0).sqrt().clamp_min(1e-12)
-
-
 class DetectorGraph(nn.Module):
     """Export wrapper: image → (boxes, best score, class id); text embeddings baked or as an input.
 
@@ -108,8 +68,8 @@ class DetectorGraph(nn.Module):
 
     * per level, the similarities come from :func:`folded_similarity`, which never builds
       the [B, 512, H, W] projected map;
-    * the best class's softmax probability is ``1 / sum_c exp(l_c - l_max)``, without
-      materialising the probabilities.
+    * scores are per-class sigmoids of ``s * cos + b`` with ``s > 0``: the best class is the
+      largest cosine, and only its logit goes through the sigmoid.
     """
 
     def __init__(self, model: nn.Module, text_embeddings: np.ndarray, baked: bool):
@@ -121,17 +81,13 @@ class DetectorGraph(nn.Module):
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor | None = None):
         m = self.model
         emb = self.text_embeddings if self.baked else text_embeddings
-        text = F.normalize(emb, dim=-1) * m.logit_scale.exp()  # [C, D], a constant when baked
+        text = F.normalize(emb, dim=-1)  # [C, D], a constant when baked
         feats = m.backbone(images)
-        logits = torch.cat([folded_similarity(f, p.conv, p.norm, text)
-                            for p, f in zip(m.spatial_projections, feats)], 2)  # [B, C, N]
-        top, class_ids = logits.max(dim=1)
-        scores = 1.0 / torch.exp(logits - top.unsqueeze(1)).sum(dim=1)
-        if m.config.box_source == "yolo":
-            boxes = m.backbone.box_regression(feats)
-        else:
-            boxes = m.grid_boxes(feats).unsqueeze(0).expand(images.shape[0], -1, -1)
-        return boxes, scores, class_ids.to(torch.int32)
+        cosines = torch.cat([folded_similarity(f, p.conv, p.norm, text)
+                             for p, f in zip(m.spatial_projections, m.region_features(feats))], 2)  # [B, C, N]
+        top, class_ids = cosines.max(dim=1)
+        scores = torch.sigmoid(m.region_logit_scale.exp() * top + m.region_bias)
+        return m._boxes(feats), scores, class_ids.to(torch.int32)
 
     def reference(self, images: torch.Tensor, text_embeddings: torch.Tensor | None = None):
         """The model's own eager path (``detect_raw`` + max over classes), for benchmarks and tests."""
@@ -180,6 +136,7 @@ def resolve_config(opts: KDEOVExportOptions):
     overrides = {
         "backbone": opts.backbone, "image_size": opts.imgsz, "clip_model": opts.clip_model,
         "clip_pretrained": opts.clip_pretrained, "box_source": opts.box_source,
+        "clip_activation": opts.clip_activation,
     }
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -201,8 +158,16 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
     log.info("loading the CLIP text tower %s (%s)…", config.clip_model, config.clip_pretrained)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        text_encoder = FrozenCLIPTextEncoder(config.clip_model, config.clip_pretrained, allow_random=True)
+        text_encoder = FrozenCLIPTextEncoder(config.clip_model, config.clip_pretrained,
+                                             activation=config.clip_activation, allow_random=True)
     notes += [str(w.message) for w in caught if "RANDOM" in str(w.message).upper()]
+    trained: dict[str, Any] = {}
+    if opts.checkpoint is not None:
+        from vlexport.models.kdeov import kdeov_checkpoint_extra
+        from vlexport.models.kdeov_detection import check_text_tower
+
+        trained = kdeov_checkpoint_extra(opts.checkpoint)
+        check_text_tower(trained.get("text_tower"), text_encoder.loaded, opts.checkpoint)
     if not text_encoder.is_pretrained:
         notes.append(f"text tower {config.clip_model} is UNTRAINED (random weights): class scores are meaningless")
 
@@ -257,20 +222,27 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
                     "fp16": {"embeddings": OutputTolerance(min_cosine=0.999)}},
     )
     parts = [detector, encoder]
+    extra_files: dict[str, Path] = {}
+    extra_manifest: dict[str, Any] = {}
+    vocab_extra: dict[str, Any] = {}
     if opts.with_text_encoder:
         parts.append(_text_encoder_part(text_encoder, classes, templates))
+        # The runtime re-bakes class names with this part, its tokenizer and these templates (no torch).
+        vocab_extra["prompt_templates"] = list(templates)
+        shipped = _text_tokenizer_files(text_encoder, classes, templates, int(text_encoder.context_length))
+        if shipped is None:
+            notes.append(f"the tokenizer of CLIP {config.clip_model} is not CLIP's BPE: the runtime cannot "
+                         "embed new class names with this text_encoder (it needs precomputed embeddings)")
+        else:
+            extra_files, extra_manifest["text_tokenizer"] = shipped
 
     provenance: dict[str, Any] = {
-        "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-        "checkpoint_sha256": sha256_file(opts.checkpoint) if opts.checkpoint else None,
+        **checkpoint_provenance(opts.checkpoint),
         "backbone_weights": str(opts.backbone_weights) if opts.backbone_weights else None,
         "backbone_weights_sha256": sha256_file(opts.backbone_weights) if opts.backbone_weights else None,
-        "student_trained": opts.checkpoint is not None,
-        "text_encoder": {
-            "model": text_encoder.model_name, "pretrained": text_encoder.pretrained,
-            "weights_sha256": text_encoder.weights_sha256, "weights_source": text_encoder.weights_source,
-            "trained": bool(text_encoder.is_pretrained),
-        },
+        "text_encoder": text_encoder.loaded.provenance,
+        # What the student's detection path was trained on (absent for untrained or global-only students).
+        "trained_vocabulary": trained.get("vocabulary"),
     }
     for note in notes:
         log.warning("!!! %s", note)
@@ -278,39 +250,164 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
         family="kdeov", task="detect", preset=opts.preset if opts.checkpoint is None else "checkpoint", parts=parts,
         parity_images=images, parity_source=source, preprocess=preprocess,
         postprocess={"score_threshold": opts.score_threshold, "iou_threshold": opts.iou_threshold,
-                     "max_detections": opts.max_detections, "class_agnostic": False},
+                     "max_detections": opts.max_detections, "class_agnostic": False,
+                     # Each class scored on its own (the graph already outputs these scores).
+                     "scoring": {"kind": "sigmoid", "formula": "sigmoid(exp(logit_scale) * cos(region, text) + bias)",
+                                 "logit_scale": float(model.region_logit_scale.exp()),
+                                 "bias": float(model.region_bias)}},
         vocabulary={"classes": classes, "templates": templates_id, "num_templates": len(templates),
-                    "mode": opts.vocab_mode, "embed_dim": int(text_embeddings.shape[1])},
+                    "mode": opts.vocab_mode, "embed_dim": int(text_embeddings.shape[1]), **vocab_extra},
         vocab_arrays=(classes, text_embeddings),
         provenance=provenance,
         model={"config": config.to_dict(), "box_source": config.box_source},
         warnings=notes,
+        extra_files=extra_files,
+        extra_manifest=extra_manifest,
     )
 
 
 class TextEncoderGraph(nn.Module):
-    """Export wrapper: token ids → L2-normalised text embedding (one prompt per row)."""
+    """Export wrapper: token ids → L2-normalised text embedding (one prompt per row).
 
-    def __init__(self, encoder: nn.Module):
+    With ``any_length`` (a causal CLIP text tower pooled at the end-of-text token) the graph takes
+    ``[prompts, length]`` for any length up to the context length: the runtime feeds each run only
+    up to its longest prompt's end-of-text token, which is exact (the padding after it is never
+    attended to) and several times faster than 77 tokens. Otherwise it takes the full context.
+    """
+
+    def __init__(self, encoder: nn.Module, any_length: bool = False):
         super().__init__()
         self.encoder = encoder
+        self.any_length = any_length
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.encoder(tokens)
+        if not self.any_length:
+            return self.encoder(tokens)
+        clip = self.encoder.clip
+        length = tokens.shape[1]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+        mask = clip.attn_mask[:length, :length].to(x.dtype)
+        for block in clip.transformer.resblocks:
+            x = x + block.ls_1(_causal_attention(block.attn, block.ln_1(x), mask))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]  # end-of-text has the largest id
+        proj = clip.text_projection
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x, dim=-1)
+
+
+def _causal_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``attn(x, x, x, attn_mask=mask)`` of a batch-first self-attention, written out so that the
+    exported graph keeps the sequence length dynamic (nn.MultiheadAttention's traces fix it)."""
+    heads, dim = attn.num_heads, attn.embed_dim
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3D]
+    qkv = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, L, d]
+    weights = torch.softmax(torch.matmul(q * (dim // heads) ** -0.5, k.transpose(-2, -1)) + mask, dim=-1)
+    out = torch.matmul(weights, v).transpose(1, 2).flatten(2)  # [B, L, D]
+    return attn.out_proj(out)
+
+
+def _any_length(text_encoder) -> bool:
+    """Whether the text tower can run on token rows cut after their end-of-text token (see TextEncoderGraph):
+    open_clip's CLIP text tower (causal mask, end-of-text pooling, plain batch-first residual blocks)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    clip = text_encoder.clip
+    if not (getattr(clip, "text_pool_type", None) == "argmax" and getattr(clip, "attn_mask", None) is not None
+            and all(hasattr(clip, a) for a in ("token_embedding", "positional_embedding", "ln_final",
+                                               "text_projection", "transformer"))):
+        return False
+    blocks = list(getattr(clip.transformer, "resblocks", []))
+    return bool(blocks) and all(
+        type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn.batch_first
+        and b.attn._qkv_same_embed_dim and b.attn.in_proj_bias is not None and b.attn.bias_k is None
+        for b in blocks)
 
 
 def _text_encoder_part(text_encoder, classes: list[str], templates: tuple[str, ...]) -> Part:
     prompts = [templates[0].format(c) for c in classes[:8]]
     tokens = text_encoder.tokenize(prompts)
+    context = int(tokens.shape[1])
+    any_length = _any_length(text_encoder)
+    if any_length:
+        # Parity on rows cut after the longest end-of-text, against the tower's own full-context forward.
+        tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
     return Part(
         name="text_encoder",
-        module=TextEncoderGraph(text_encoder),
-        io=PartIO(inputs=(TensorSpec("tokens", "int64", ("prompts", int(tokens.shape[1]))),),
+        module=TextEncoderGraph(text_encoder, any_length),
+        reference=(lambda t: text_encoder(F.pad(t, (0, context - t.shape[1])))) if any_length else None,
+        io=PartIO(inputs=(TensorSpec("tokens", "int64", ("prompts", "length" if any_length else context)),),
                   outputs=(TensorSpec("embeddings", "float32", ("prompts", text_encoder.embed_dim)),)),
         make_inputs=lambda _images: (tokens,),
         tolerances={"fp32": {"embeddings": OutputTolerance(max_abs=1e-4)},
                     "fp16": {"embeddings": OutputTolerance(min_cosine=0.999)}},
     )
+
+
+#: Where a bundle keeps the CLIP tokenizer of its text_encoder part.
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+_TOKENIZER_CHECK_PROMPTS = 2048
+
+
+def _text_tokenizer_files(text_encoder, classes: list[str], templates: tuple[str, ...], context_length: int
+                          ) -> tuple[dict[str, Path], dict[str, Any]] | None:
+    """The CLIP tokenizer files and manifest section for the runtime's torch-free text encoder.
+
+    None (the caller warns) when the tower's tokenizer is not open_clip's CLIP BPE. The files are
+    checked to tokenise this export's prompts exactly as open_clip does; any difference is a bug
+    and stops the export.
+    """
+    import open_clip.tokenizer as oct
+
+    from vlexport.errors import ExportError
+    from vlexport.runtime import clip_tokenizer as ct
+
+    tok = text_encoder.tokenizer
+    if (not isinstance(tok, oct.SimpleTokenizer) or getattr(tok, "reduction_fn", None) is not None
+            or getattr(tok, "clean_fn", None) is not oct._clean_lower):
+        return None
+    bpe = Path(oct.default_bpe())
+    vocab, merges = ct.clip_vocab_and_merges(bpe)
+    if tok.encoder != vocab or tok.bpe_ranks != {m: i for i, m in enumerate(merges)}:
+        return None
+    folder = _tokenizer_folder(bpe)
+    vocab_file, merges_file = ct.write_tokenizer_files(folder, bpe)
+    ours = ct.CLIPTokenizer.from_files(vocab_file, merges_file, context_length=context_length, error=ExportError)
+    per_class = max(1, _TOKENIZER_CHECK_PROMPTS // len(templates))
+    prompts = [t.format(c) for c in classes[:per_class] for t in templates]
+    want, got = text_encoder.tokenize(prompts).numpy(), ours(prompts)
+    bad = [p for p, w, g in zip(prompts, want, got) if not np.array_equal(w, g)]
+    if want.shape != got.shape or bad:
+        raise ExportError(f"the bundled CLIP tokenizer disagrees with open_clip's on {len(bad)} prompt(s), "
+                          f"e.g. {bad[:1]}; this is a vlexport bug, please report it")
+    rel_vocab, rel_merges = f"{TEXT_TOKENIZER_DIR}/{ct.VOCAB_FILE}", f"{TEXT_TOKENIZER_DIR}/{ct.MERGES_FILE}"
+    section = {"type": ct.TOKENIZER_TYPE, "vocab": rel_vocab, "merges": rel_merges, "context_length": context_length,
+               "clean": "lower", "source": f"open_clip {bpe.name}"}
+    return {rel_vocab: vocab_file, rel_merges: merges_file}, section
+
+
+def _tokenizer_folder(bpe: Path) -> Path:
+    """A folder for the tokenizer files: the cache (reused by later exports), else a temporary one."""
+    import os
+    import tempfile
+
+    root = Path(os.environ.get("VLEXPORT_CACHE") or Path("~/.cache/vlexport").expanduser()).expanduser()
+    folder = root / "clip_tokenizer" / sha256_file(bpe)[:16]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-")
+        probe.close()
+        return folder
+    except OSError:
+        tmp = tempfile.TemporaryDirectory(prefix="vlexport-clip-tokenizer-")
+        _TEMP_DIRS.append(tmp)  # removed at exit
+        return Path(tmp.name)
+
+
+_TEMP_DIRS: list[Any] = []
 
 
 def export_kdeov(opts: KDEOVExportOptions) -> ExportReport:

@@ -33,6 +33,7 @@ import torch
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
@@ -238,9 +239,7 @@ def build_plan(opts: MultiScaleExportOptions) -> ExportPlan:
     )
     processor = model.processor
     classes = ["background", opts.class_name.strip()]
-    provenance: dict[str, Any] = {"trained": opts.checkpoint is not None}
-    if opts.checkpoint is not None:
-        provenance.update(checkpoint=str(opts.checkpoint), checkpoint_sha256=sha256_file(opts.checkpoint))
+    provenance: dict[str, Any] = checkpoint_provenance(opts.checkpoint)
     if opts.backbone_weights is not None:
         provenance.update(backbone_weights=str(opts.backbone_weights),
                           backbone_weights_sha256=sha256_file(opts.backbone_weights))

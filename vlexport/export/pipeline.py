@@ -20,7 +20,15 @@ import torch
 
 from vlexport.errors import ExportError, UsageError
 from vlexport.export.bundle_writer import BundleWriter
-from vlexport.export.fp16 import FRAGILE_OPS, convert_to_fp16, overflowing_nodes
+from vlexport.export.fp16 import (
+    FP16_PROBE_FEEDS,
+    FP16_SEARCH_ROUNDS,
+    FRAGILE_OPS,
+    convert_to_fp16,
+    fp32_node_names,
+    overflowing_nodes,
+    search_fp32_islands,
+)
 from vlexport.export.onnx_export import DEFAULT_OPSET, export_part
 from vlexport.export.parity import check_parity, torch_outputs
 from vlexport.export.part import Part
@@ -42,6 +50,11 @@ class PrecisionOptions:
     val: str | None = None  # labelled dataset: with int8, enables the accuracy gate
     max_drop: float = 1.0  # points of the task metric INT8 may lose against FP32
     max_gate_rounds: int = 7
+    # Rounds of the FP16 search that keeps FP32 islands until FP16 passes its checks (0: no search).
+    max_fp16_rounds: int = FP16_SEARCH_ROUNDS
+    # A lower precision that still fails its checks fails the export (nothing written) instead of being
+    # left out of the bundle with the reason in ``validation.refused``. FP32 failing always fails.
+    strict: bool = False
 
     def check(self) -> None:
         from vlexport.calibration.quantize import CALIB_METHODS, INT8_TARGETS
@@ -59,6 +72,8 @@ class PrecisionOptions:
             raise UsageError(f"unknown --int8-target {self.int8_target!r}; choose one of {', '.join(INT8_TARGETS)}")
         if self.calib_method not in CALIB_METHODS:
             raise UsageError(f"unknown --calib-method {self.calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
+        if isinstance(self.max_fp16_rounds, bool) or not isinstance(self.max_fp16_rounds, int) or self.max_fp16_rounds < 0:
+            raise UsageError(f"the FP16 search rounds must be zero or a positive integer, got {self.max_fp16_rounds!r}")
 
 
 @dataclass
@@ -87,7 +102,9 @@ class ExportPlan:
     # Family checks run on the written graphs after the per-part parity (e.g. a whole decode loop):
     # ``check(files)`` with files = {part: {precision: path}} returns (name, figures, violations) and
     # optionally a 4th item, the (part, precision) files it refuses (an accuracy gate), which are
-    # dropped; figures go to ``validation[name]``; a violation stops the export like a parity failure.
+    # dropped; figures go to ``validation[name]``. A violation that starts with "part/precision" (as
+    # parity's do) concerns that file: FP16 then searches FP32 islands, and a lower precision that still
+    # fails is refused like a parity failure; any other violation (and FP32's) stops the export.
     checks: list[Callable[[dict[str, dict[str, Path]]], tuple[str, dict[str, Any], list[str]]]] = field(
         default_factory=list)
 
@@ -102,6 +119,8 @@ class ExportReport:
     seconds: float
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     gate: list[dict[str, Any]] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # "part/precision" -> why it is not in the bundle
+    fp16: dict[str, dict[str, Any]] = field(default_factory=dict)  # the manifest's fp16 section (island search)
 
 
 def _batches(part: Part, images: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -120,14 +139,19 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                  opset: int = DEFAULT_OPSET, overwrite: bool = False, simplify: bool = True) -> ExportReport:
     """Export every part of ``plan`` in the asked precisions, check parity (and accuracy), write the bundle.
 
-    All parity violations of all parts are collected and reported together in one
-    :class:`ExportError`; in that case, or if the accuracy gate gives up, nothing is left at ``out``.
+    An FP16 graph that fails its checks keeps more nodes in FP32, round by round, until it passes
+    (:func:`vlexport.export.fp16.search_fp32_islands`). A lower precision (FP16, INT8) that still fails
+    is left out of the bundle, with the reason in ``validation.refused`` and a warning; with
+    ``precision.strict``, or when FP32 fails, all violations of all parts are reported together in one
+    :class:`ExportError` and nothing is left at ``out`` (nor when the accuracy gate gives up).
     """
     t0 = time.perf_counter()
     prec = precision or PrecisionOptions(fp16=fp16)
     prec.check()
     parity: dict[str, dict[str, dict[str, float]]] = {}
-    problems: list[str] = []
+    parity_bad: dict[str, list[str]] = {}  # "part/precision" -> parity violations
+    runs: dict[str, tuple[Part, list[tuple[torch.Tensor, ...]], dict[str, np.ndarray]]] = {}
+    refused: dict[str, str] = {}
     parts_manifest: dict[str, Any] = {}
     fp32_files: dict[str, Path] = {}
     extra: dict[str, Any] = {}
@@ -152,10 +176,14 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 kept = overflowing_nodes(fp32_path, _feeds(part, batches))
                 log.info("converting %s to fp16 (op types %s, … and %d node(s) whose activations overflow FP16 stay FP32)…",
                          part.name, ", ".join(FRAGILE_OPS[:3]), len(kept))
-                onnx.save(convert_to_fp16(onnx.load(str(fp32_path)), keep_fp32_nodes=kept), str(writer.path(fp16_rel)))
+                fp32_model = onnx.load(str(fp32_path))
+                onnx.save(convert_to_fp16(fp32_model, keep_fp32_nodes=kept), str(writer.path(fp16_rel)))
                 files["fp16"] = fp16_rel
-                extra.setdefault("fp16", {})[part.name] = {"kept_fp32_op_types": list(FRAGILE_OPS),
-                                                           "kept_fp32_nodes": kept}
+                extra.setdefault("fp16", {})[part.name] = {
+                    "kept_fp32_op_types": list(FRAGILE_OPS), "kept_fp32_nodes": kept, "overflowing_nodes": kept,
+                    "island_nodes": [], "fp32_nodes": len(fp32_node_names(fp32_model, FRAGILE_OPS, kept)),
+                    "nodes": len(fp32_model.graph.node), "rounds": []}
+                del fp32_model
             if prec.int8 and part.weight_quantizer is not None:
                 int8_rel = f"{part.name}.int8.onnx"
                 log.info("quantising %s weights to int8 (no calibration: weight-only)…", part.name)
@@ -178,26 +206,71 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 log.info("checking %s/%s against PyTorch on %d image(s)…", part.name, p, plan.parity_images.shape[0])
                 res, bad = check_parity(part, writer.path(files[p]), p, batches, reference)
                 parity[f"{part.name}/{p}"] = {k: v.to_dict() for k, v in res.items()}
-                problems += bad
+                parity_bad[f"{part.name}/{p}"] = bad
             parts_manifest[part.name] = {**part.io.to_dict(), "files": files, "engines": {}}
-        written = {name: {p: writer.path(rel) for p, rel in entry["files"].items()}
-                   for name, entry in parts_manifest.items()}
+            runs[part.name] = (part, batches, reference)
+
+        def drop(key: str, reason: str) -> None:
+            part_name, p = key.split("/", 1)
+            rel = parts_manifest[part_name]["files"].pop(p)
+            writer.path(rel).unlink()
+            parity.pop(key, None)
+            parity_bad.pop(key, None)
+            refused[key] = reason
+            if p == "int8":
+                extra.get("weight_only", {}).pop(part_name, None)
+                extra.get("int8", {}).pop(part_name, None)
+            elif p == "fp16":
+                extra["fp16"][part_name]["refused"] = reason
+
+        def fatal_problems(check_bad: dict[str, list[str]], other: list[str]) -> list[str]:
+            return ([b for k, bad in parity_bad.items() if k.endswith("/fp32") for b in bad]
+                    + [b for k, bad in check_bad.items() if k.endswith("/fp32") for b in bad] + other)
+
+        def all_problems(check_bad: dict[str, list[str]], other: list[str]) -> list[str]:
+            return [b for bad in parity_bad.values() for b in bad] + [b for bad in check_bad.values() for b in bad] + other
+
         family_checks: dict[str, Any] = {}
-        if not problems:
-            for check in plan.checks:
-                name, figures, bad, *rest = check(written)
-                family_checks[name] = figures
-                problems += bad
-                for part_name, p in (rest[0] if rest else []):  # files a family's own gate refused
-                    rel = parts_manifest[part_name]["files"].pop(p)
-                    writer.path(rel).unlink()
-                    parity.pop(f"{part_name}/{p}", None)
-                    extra.get("weight_only", {}).pop(part_name, None)
-                    log.warning("%s/%s dropped: the %s check refused it", part_name, p, name)
-        if problems:
+        check_bad: dict[str, list[str]] = {}
+        other: list[str] = []
+        if not fatal_problems(check_bad, other):
+            family_checks, check_bad, other = _run_checks(plan, parts_manifest, writer, drop)
+        if prec.fp16 and not fatal_problems(check_bad, other):
+            searched = False
+            for name in list(parts_manifest):
+                key = f"{name}/fp16"
+                if "fp16" not in parts_manifest[name]["files"] or not (parity_bad.get(key) or check_bad.get(key)):
+                    continue
+                _search_fp16(plan, writer, parts_manifest, runs[name], prec, extra["fp16"][name], parity, parity_bad,
+                             first=(_fp16_figures(parity[key], family_checks), parity_bad[key] + check_bad.get(key, [])))
+                searched = True
+            if searched:  # the family figures of the final FP16 graphs
+                family_checks, check_bad, other = _run_checks(plan, parts_manifest, writer, drop)
+        for name, info in extra.get("fp16", {}).items():
+            if not info["rounds"] and f"{name}/fp16" in parity:  # passed as first converted: round 0 only
+                info["rounds"] = [{"round": 0, "kept_nodes": len(info["kept_fp32_nodes"]), "fp32_nodes": info["fp32_nodes"],
+                                   "passed": not (parity_bad.get(f"{name}/fp16") or check_bad.get(f"{name}/fp16")),
+                                   **_fp16_figures(parity[f"{name}/fp16"], family_checks),
+                                   "violations": parity_bad.get(f"{name}/fp16", []) + check_bad.get(f"{name}/fp16", [])}]
+        fatal = fatal_problems(check_bad, other)
+        if fatal or (prec.strict and all_problems(check_bad, other)):
             raise ExportError(
-                "the export does not match PyTorch, so no bundle was written: " + "; ".join(problems)
+                "the export does not match PyTorch, so no bundle was written: "
+                + "; ".join(all_problems(check_bad, other))
             )
+        failing = {k: parity_bad.get(k, []) + check_bad.get(k, []) for k in [*parity_bad, *check_bad]}
+        for key, bad in failing.items():
+            if not bad or key in refused:
+                continue
+            reason = "; ".join(_strip_key(b, key) for b in bad)
+            fp16_info = extra.get("fp16", {}).get(key.split("/", 1)[0], {}) if key.endswith("/fp16") else {}
+            if len(fp16_info.get("rounds", [])) > 1:
+                reason += (f" (after {len(fp16_info['rounds']) - 1} round(s) of the FP32 island search, "
+                           f"{len(fp16_info['kept_fp32_nodes'])} node(s) kept in FP32)")
+            drop(key, reason)
+            left = ", ".join(parts_manifest[key.split("/", 1)[0]]["files"])
+            log.warning("%s refused, it is not in the bundle (which keeps %s): %s; --strict makes this an error",
+                        key, left, reason)
         vocabulary = dict(plan.vocabulary) if plan.vocabulary else None
         if plan.vocab_arrays is not None and vocabulary is not None:
             vocabulary["file"] = writer.write_vocab(*plan.vocab_arrays)
@@ -219,7 +292,7 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
             "postprocess": plan.postprocess,
             "validation": {"parity": parity, "parity_images": {"source": plan.parity_source,
                                                                "count": int(plan.parity_images.shape[0])},
-                           **family_checks},
+                           **family_checks, **({"refused": refused} if refused else {})},
             "warnings": plan.warnings,
         }
         if "fp16" in extra:
@@ -234,7 +307,9 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 "excluded_nodes": {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()},
                 "weight_only": extra.get("weight_only", {}),
             }
-            if prec.val and _is_labelled(prec.val):
+            if prec.val and not extra.get("int8"):
+                log.warning("no INT8 graph left to gate on --val %s", prec.val)
+            elif prec.val and _is_labelled(prec.val):
                 from vlexport.calibration.gate import run_accuracy_gate
 
                 metrics, gate_rounds = run_accuracy_gate(writer, manifest, plan, prec, extra["int8"], calib)
@@ -244,7 +319,93 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
         path = writer.commit(manifest)
     files_written = sorted(p.name for p in path.iterdir())
     return ExportReport(path=path, parity=parity, files=files_written, seconds=time.perf_counter() - t0,
-                        metrics=metrics, gate=gate_rounds)
+                        metrics=metrics, gate=gate_rounds, refused=refused, fp16=extra.get("fp16", {}))
+
+
+def _violation_key(problem: str, files: dict[str, dict[str, Any]]) -> str | None:
+    """The "part/precision" a violation names at its start (parity's and the families' own), if any."""
+    for part, precisions in files.items():
+        for p in precisions:
+            key = f"{part}/{p}"
+            if problem.startswith(key) and problem[len(key):len(key) + 1] in (":", " ", ""):
+                return key
+    return None
+
+
+def _strip_key(problem: str, key: str) -> str:
+    return problem[len(key):].lstrip(": ") if problem.startswith(key) else problem
+
+
+def _run_checks(plan: ExportPlan, parts_manifest: dict[str, Any], writer: BundleWriter,
+                drop: Callable[[str, str], None]) -> tuple[dict[str, Any], dict[str, list[str]], list[str]]:
+    """The plan's family checks on the written files: (figures by check, violations by "part/precision",
+    other violations). Files a check refuses (an accuracy gate of its own) are dropped."""
+    written = {name: {p: writer.path(rel) for p, rel in entry["files"].items()}
+               for name, entry in parts_manifest.items()}
+    figures: dict[str, Any] = {}
+    by_key: dict[str, list[str]] = {}
+    other: list[str] = []
+    for check in plan.checks:
+        name, figs, bad, *rest = check(written)
+        figures[name] = figs
+        for problem in bad:
+            key = _violation_key(problem, written)
+            (by_key.setdefault(key, []) if key else other).append(problem)
+        for part_name, p in (rest[0] if rest else []):  # files a family's own gate refused
+            if p in parts_manifest[part_name]["files"]:
+                drop(f"{part_name}/{p}", f"the {name} check refused it")
+                log.warning("%s/%s dropped: the %s check refused it", part_name, p, name)
+    return figures, by_key, other
+
+
+def _fp16_figures(parity: dict[str, Any], family_checks: dict[str, Any]) -> dict[str, Any]:
+    """One round's figures: the parity of every output, and the fp16 summary of each family check."""
+    figures: dict[str, Any] = {"parity": parity}
+    for name, figs in family_checks.items():
+        if isinstance(figs, dict) and isinstance(figs.get("fp16"), dict):
+            figures[name] = {k: v for k, v in figs["fp16"].items() if k != "per_image"}
+    return figures
+
+
+def _search_fp16(plan: ExportPlan, writer: BundleWriter, parts_manifest: dict[str, Any], run, prec: PrecisionOptions,
+                 info: dict[str, Any], parity: dict[str, Any], parity_bad: dict[str, list[str]],
+                 first: tuple[dict[str, Any], list[str]]) -> None:
+    """Keep FP32 islands in one part's FP16 graph until its parity and the family checks pass (or the
+    rounds run out); rewrites the staged FP16 file and records the search in ``info`` (the manifest's
+    ``fp16[part]``) and the final parity in ``parity``/``parity_bad``."""
+    part, batches, reference = run
+    key = f"{part.name}/fp16"
+    files = parts_manifest[part.name]["files"]
+    last: dict[str, Any] = {}
+
+    def evaluate(candidate: Path) -> tuple[dict[str, Any], list[str]]:
+        res, bad = check_parity(part, candidate, "fp16", batches, reference)
+        last["parity"], last["bad"] = {k: v.to_dict() for k, v in res.items()}, list(bad)
+        # The family checks on this part's FP32 and candidate FP16 graphs (and the other parts' FP32).
+        subset = {n: {p: writer.path(rel) for p, rel in e["files"].items() if p == "fp32" or n == part.name and p == "fp16"}
+                  for n, e in parts_manifest.items()}
+        subset[part.name]["fp16"] = candidate
+        family: dict[str, Any] = {}
+        for check in plan.checks:
+            name, figs, check_bad, *rest = check(subset)
+            family[name] = figs
+            bad += [b for b in check_bad if _violation_key(b, subset) == key]
+            if (part.name, "fp16") in (rest[0] if rest else []):
+                bad.append(f"{key}: the {name} check refuses it")
+        return _fp16_figures(last["parity"], family), bad
+
+    log.info("%s fails its checks (%s): searching the nodes to keep in FP32 (at most %d round(s))…", key,
+             "; ".join(first[1]), prec.max_fp16_rounds)
+    result = search_fp32_islands(writer.path(files["fp32"]), writer.path(files["fp16"]),
+                                 _feeds(part, batches)[:FP16_PROBE_FEEDS], evaluate, kept=info["kept_fp32_nodes"],
+                                 first=first, max_rounds=prec.max_fp16_rounds, label=key)
+    info.update(kept_fp32_nodes=result.kept_nodes, island_nodes=result.island_nodes, rounds=result.rounds,
+                fp32_nodes=result.rounds[-1]["fp32_nodes"])
+    if len(result.rounds) > 1:
+        parity[key], parity_bad[key] = last["parity"], last["bad"]
+    state = "passes" if result.passed else "still fails"
+    log.info("%s %s with %d node(s) kept in FP32 by name (%d in FP32 in all, of %d) after %d round(s)", key, state,
+             len(result.kept_nodes), info["fp32_nodes"], info["nodes"], len(result.rounds) - 1)
 
 
 def _is_labelled(source: str) -> bool:

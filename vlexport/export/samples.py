@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlexport.calibration.readers import calibration_frames, synthetic_images
+from vlexport.calibration.readers import parity_frames, synthetic_images
 
 
 def yolo_preprocess(size: int) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def parity_batch(preprocess: dict[str, Any], source: str | None, count: int = 4,
     from vlexport.runtime.preprocess import Preprocessor
 
     if source:
-        frames = calibration_frames(source, count, seed=seed).frames
+        frames = parity_frames(source, count, seed=seed).frames
         label = str(source)
     else:
         frames = synthetic_images(count, seed=seed)

@@ -2,8 +2,10 @@
 
 The graph takes a batch of normalised sliding-window crops and returns their cosine logits
 upsampled to the crop size, with the class text embeddings baked in. Resizing, cutting the
-windows, stitching, temperature, softmax, synonyms and background are done by the runtime from
-the manifest, exactly as the reference's ``forward_slide`` + ``postprocess_result``.
+windows, stitching, temperature, softmax, synonyms, area and probability thresholds and
+background are done by the runtime from the manifest, exactly as the reference's
+``forward_slide`` + ``postprocess_result``. The crops' height and width are dynamic axes: a frame
+whose resized short side is below the crop (long-side cap) is cut into smaller windows, as SCLIP does.
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ class SCLIPExportOptions:
     templates: str = "imagenet80"
     clip_model: str | None = None
     clip_pretrained: str | None = None
+    clip_activation: str | None = None
     short_side: int | None = None
+    max_long_side: int | None = None
     slide_crop: int | None = None
     slide_stride: int | None = None
     pamr_steps: int = 0
     pamr_in: str = "runtime"  # "runtime" (numpy) or "graph" (an exported `refiner` part)
     logit_scale: float | None = None
     prob_threshold: float | None = None
+    area_threshold: float | None = None
     background_index: int | None = None
     opset: int = 17
     parity_source: str | None = None
@@ -58,13 +63,16 @@ def _segmenter(opts: SCLIPExportOptions):
     if opts.pamr_in not in ("runtime", "graph"):
         raise UsageError(f"--pamr-in must be runtime or graph, got {opts.pamr_in!r}")
     overrides = {k: v for k, v in {
-        "clip_model": opts.clip_model, "clip_pretrained": opts.clip_pretrained, "short_side": opts.short_side,
+        "clip_model": opts.clip_model, "clip_pretrained": opts.clip_pretrained,
+        "clip_activation": opts.clip_activation, "short_side": opts.short_side,
+        "max_long_side": opts.max_long_side,
         "slide_crop": opts.slide_crop, "slide_stride": opts.slide_stride, "logit_scale": opts.logit_scale,
-        "prob_threshold": opts.prob_threshold, "pamr_steps": opts.pamr_steps or None}.items() if v is not None}
+        "prob_threshold": opts.prob_threshold, "area_threshold": opts.area_threshold,
+        "pamr_steps": opts.pamr_steps or None}.items() if v is not None}
     templates_id, templates = resolve_templates(opts.templates)
     classes = opts.classes or []
     if not classes:
-        raise UsageError('the vocabulary is empty: pass --classes "sky, clouds,tree,person" or --vocab FILE '
+        raise UsageError('the vocabulary is empty: pass --classes "sky|clouds,tree,person" or --vocab FILE '
                          '(one class per line; synonyms on one line separated by ", ")')
     log.info("building SCLIP %s and encoding %d class line(s) x %d template(s)…", opts.preset, len(classes), len(templates))
     seg = SCLIPSegmenter.from_preset(opts.preset, classes, templates=templates, cache=TextEmbeddingCache(), **overrides)
@@ -77,13 +85,16 @@ def _segmenter(opts: SCLIPExportOptions):
 
 def build_plan(opts: SCLIPExportOptions) -> ExportPlan:
     """Build the segmenter and describe the `segmenter` part and the runtime's settings."""
-    from vlexport.calibration.readers import calibration_frames, synthetic_images
+    from vlexport.calibration.readers import parity_frames, synthetic_images
     from vlexport.models.sclip import window_grid
 
     seg, templates_id, n_templates = _segmenter(opts)
     cfg = seg.config
     if opts.background_index is not None and not 0 <= opts.background_index < seg.num_classes:
         raise UsageError(f"--background-index must be a class index (0..{seg.num_classes - 1})")
+    if cfg.area_threshold > 0 and opts.background_index is None:
+        raise UsageError("--area-threshold needs a background class (the classes below the threshold give their "
+                         "pixels to the others, background included); pass --background-index, e.g. 0 for VOC21")
     crop = cfg.slide_crop
 
     def frame_to_crops(frame: np.ndarray) -> torch.Tensor:
@@ -93,7 +104,7 @@ def build_plan(opts: SCLIPExportOptions) -> ExportPlan:
         return torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in window_grid(h, w, crop, cfg.slide_stride)])
 
     if opts.parity_source:
-        frames, label = calibration_frames(opts.parity_source, opts.parity_count).frames, str(opts.parity_source)
+        frames, label = parity_frames(opts.parity_source, opts.parity_count).frames, str(opts.parity_source)
     else:
         frames, label = synthetic_images(opts.parity_count, seed=0), "synthetic(seed=0)"
     crops = torch.cat([frame_to_crops(f) for f in frames])
@@ -101,8 +112,11 @@ def build_plan(opts: SCLIPExportOptions) -> ExportPlan:
     part = Part(
         name="segmenter",
         module=seg.crop_part(),
-        io=PartIO(inputs=(TensorSpec("crops", "float32", ("crops", 3, crop, crop)),),
-                  outputs=(TensorSpec("logits", "float32", ("crops", q, crop, crop)),)),
+        # Crops are slide_crop x slide_crop, except for frames whose resized side is shorter than
+        # the crop (the long-side cap): their windows are min(crop, H) x min(crop, W), as in SCLIP,
+        # so the crop's height and width are dynamic axes (positional interpolation in-graph).
+        io=PartIO(inputs=(TensorSpec("crops", "float32", ("crops", 3, "crop_height", "crop_width")),),
+                  outputs=(TensorSpec("logits", "float32", ("crops", q, "crop_height", "crop_width")),)),
         make_inputs=lambda x: (x,),
         tolerances={"fp32": {"logits": OutputTolerance(max_abs=1e-3, min_agreement=0.999, argmax_axis=1)},
                     "fp16": {"logits": OutputTolerance(min_cosine=0.999)}},
@@ -120,17 +134,15 @@ def build_plan(opts: SCLIPExportOptions) -> ExportPlan:
         vocabulary={"classes": list(seg.class_names), "queries": list(seg.queries), "templates": templates_id,
                     "num_templates": n_templates, "mode": "baked"},
         vocab_arrays=(list(seg.queries), seg.text_embeddings.cpu().numpy()),
-        provenance={"text_encoder": {"model": cfg.clip_model, "pretrained": cfg.clip_pretrained,
-                                     "weights_sha256": seg.loaded.weights_sha256,
-                                     "weights_source": seg.loaded.weights_source,
-                                     "trained": bool(seg.loaded.is_pretrained)}},
+        provenance={"text_encoder": seg.loaded.provenance},
         model={"config": _jsonable(cfg)},
         warnings=[] if seg.loaded.is_pretrained else
         [f"CLIP {cfg.clip_model} is UNTRAINED (random weights): segmentations are meaningless"],
         frame_to_tensor=frame_to_crops,
         extra_manifest={"segment": {
             "slide_crop": crop, "slide_stride": cfg.slide_stride, "logit_scale": cfg.logit_scale,
-            "prob_threshold": cfg.prob_threshold, "background_index": opts.background_index,
+            "prob_threshold": cfg.prob_threshold, "area_threshold": cfg.area_threshold,
+            "background_index": opts.background_index, "patch_size": seg.patch_size,
             "query_to_class": [int(i) for i in seg.query_to_class.tolist()],
             "pamr": {"steps": cfg.pamr_steps, "dilations": list(cfg.pamr_dilations), "where": opts.pamr_in}}},
     )

@@ -118,7 +118,7 @@ class MultiScaleCLIPEncoder(nn.Module):
         mean, std: the CLIP normalisation the caller must apply to RGB in [0, 1].
         num_queries, embed_size: output shape.
         clip_info: provenance of the tower (model_name, pretrained, weights_source,
-            weights_sha256, is_pretrained).
+            weights_sha256, is_pretrained, activation, activation_source).
     """
 
     def __init__(
@@ -134,10 +134,11 @@ class MultiScaleCLIPEncoder(nn.Module):
         num_queries: int = 10,
         num_layers: int = 1,
         allow_random: bool = True,
+        activation: str = "auto",
     ) -> None:
         super().__init__()
         _check_args(embed_size, num_heads, num_points, dropout, num_queries, num_layers)
-        loaded = load_clip_model(model_name, pretrained, allow_random=allow_random)
+        loaded = load_clip_model(model_name, pretrained, activation=activation, allow_random=allow_random)
         visual = loaded.model.visual
         missing = [name for name in _VIT_PARTS if not hasattr(visual, name)]
         if missing or getattr(visual, "attn_pool", None) is not None:
@@ -159,6 +160,15 @@ class MultiScaleCLIPEncoder(nn.Module):
             if len(set(size)) != 1:
                 raise UsageError(f"CLIP {model_name} expects non-square images {tuple(size)}; choose a square model")
             size = size[0]
+        # The runtime's clip_preprocess (also used for training and parity) is open_clip's default
+        # transform, and the bundle says so: refuse a tower whose reference pre-processing differs.
+        resize = (cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"))
+        if resize != ("bicubic", "shortest"):
+            raise UsageError(
+                f"CLIP {model_name} expects a {resize[0]} resize in {resize[1]!r} mode; the captioner implements "
+                "open_clip's default (bicubic resize of the short side, centre crop): choose a model that uses it, "
+                "e.g. ViT-B-32 or ViT-B-16"
+            )
         self.image_size: int = int(size)
         self.mean: tuple[float, float, float] = tuple(float(v) for v in cfg["mean"])  # type: ignore[assignment]
         self.std: tuple[float, float, float] = tuple(float(v) for v in cfg["std"])  # type: ignore[assignment]
@@ -170,6 +180,8 @@ class MultiScaleCLIPEncoder(nn.Module):
             "weights_source": loaded.weights_source,
             "weights_sha256": loaded.weights_sha256,
             "is_pretrained": loaded.is_pretrained,
+            "activation": loaded.activation,
+            "activation_source": loaded.activation_source,
         }
 
         width = int(visual.conv1.out_channels)

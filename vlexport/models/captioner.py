@@ -40,6 +40,7 @@ class CaptionerConfig:
 
     clip_model: str = "ViT-B-32"
     clip_pretrained: str | None = "openai"
+    clip_activation: str = "auto"  # "auto" (from the weights' provenance), "quickgelu" or "gelu"
     gpt2: str = "gpt2"  # a GPT2_PRESETS name
     gpt2_weights: str | None = None  # hub name ("gpt2") or path; None: random init
     num_queries: int = 10
@@ -266,7 +267,7 @@ def build_captioner(preset: str | CaptionerConfig = "tiny", *, gpt2_config: GPT2
     encoder = MultiScaleCLIPEncoder(
         gpt2.config.n_embd, config.clip_model, config.freeze_vision, config.num_heads, config.num_points,
         config.dropout, pretrained=config.clip_pretrained, num_queries=config.num_queries,
-        num_layers=config.encoder_layers, allow_random=True)
+        num_layers=config.encoder_layers, allow_random=True, activation=config.clip_activation)
     return CLIPCaptioner(config, encoder, gpt2)
 
 

@@ -10,6 +10,13 @@ Loading rules (see :func:`load_clip_model`):
 * unreachable weights either fall back to a loudly announced, seeded random model
   (``allow_random=True``) or raise :class:`~vlexport.errors.WeightsUnavailableError`.
 
+The MLP activation is decided from where the weights come from (:func:`resolve_activation`):
+OpenAI's CLIP uses QuickGELU (``x * sigmoid(1.702 x)``) while open_clip's plain configs build
+``nn.GELU``, and running weights with the other one shifts every embedding. A ``-quickgelu``
+model name, a pretrained tag's config, an ``open_clip_config.json`` beside a weights file, or
+OpenAI's checkpoint layout (TorchScript release archives and plain state dicts with OpenAI's key
+names) decide it, unless the caller names the activation explicitly.
+
 The ``"tiny"`` preset is a 2-layer CLIP with ViT-B-32's tokenizer, for fast tests.
 """
 
@@ -18,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import socket
 import threading
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +49,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TINY",
     "RANDOM_SEED",
+    "ACTIVATIONS",
+    "resolve_activation",
     "RandomWeightsWarning",
     "LoadedCLIP",
     "load_clip_model",
@@ -62,6 +73,11 @@ _TINY_CONFIG: dict[str, Any] = {
 }
 # The tiny preset shares ViT-B-32's BPE vocabulary (49408 tokens).
 _TINY_TOKENIZER_FROM = "ViT-B-32"
+
+#: ``activation=`` values: decide from the weights' provenance, or force one.
+ACTIVATIONS = ("auto", "quickgelu", "gelu")
+# Entries OpenAI's TorchScript archives carry besides the weights (open_clip drops them too).
+_TORCHSCRIPT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 _PROBE_HOST = ("huggingface.co", 443)
 _PROBE_TIMEOUT_S = 3.0
@@ -87,6 +103,8 @@ class LoadedCLIP:
         embed_dim: size of the joint embedding.
         context_length: number of tokens the text tower reads.
         fallback_reason: why trained weights were asked for but not loaded (``None`` otherwise).
+        activation: the MLP activation the towers run with, ``"quickgelu"`` or ``"gelu"``.
+        activation_source: why that activation (model config, tag, file layout, or asked for).
     """
 
     model: nn.Module
@@ -99,6 +117,20 @@ class LoadedCLIP:
     embed_dim: int
     context_length: int
     fallback_reason: str | None = None
+    activation: str = "gelu"
+    activation_source: str = "model config"
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the tower's weights and activation came from, for a bundle manifest."""
+        return {
+            "model": self.model_name,
+            "pretrained": self.pretrained,
+            "weights_source": self.weights_source,
+            "weights_sha256": self.weights_sha256,
+            "activation": self.activation,
+            "activation_source": self.activation_source,
+        }
 
     @property
     def preprocess_cfg(self) -> dict[str, Any]:
@@ -128,6 +160,7 @@ def load_clip_model(
     model_name: str = "ViT-B-32",
     pretrained: str | None = "openai",
     *,
+    activation: str = "auto",
     allow_random: bool = True,
     offline: bool | None = None,
 ) -> LoadedCLIP:
@@ -138,6 +171,8 @@ def load_clip_model(
         pretrained: an open_clip pretrained tag for ``model_name``, a path to a state-dict file
             (.pt/.pth/.bin/.safetensors), or ``None`` for a seeded random initialisation.
             The tiny preset has no tags: a tag is ignored there (random weights), a path is loaded.
+        activation: ``"auto"`` decides QuickGELU or GELU from the weights' provenance (see
+            :func:`resolve_activation`); ``"quickgelu"`` / ``"gelu"`` force one.
         allow_random: when trained weights are unreachable, continue with random weights after a
             loud :class:`RandomWeightsWarning` instead of raising.
         offline: never touch the network; ``None`` reads ``VLEXPORT_OFFLINE`` / ``HF_HUB_OFFLINE``.
@@ -150,6 +185,8 @@ def load_clip_model(
     """
     _check_model_name(model_name)
     key, checkpoint = _cache_key(model_name, pretrained)
+    _check_activation(activation)
+    key = (*key, activation)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
     if hit is not None:
@@ -169,7 +206,9 @@ def load_clip_model(
     elif model_name == TINY and checkpoint is None:
         logger.debug("tiny CLIP preset: seeded random weights (pretrained=%r ignored)", pretrained)
 
-    model = _build_model(model_name, pcfg)
+    act, act_source = resolve_activation(model_name, activation, pretrained=pretrained, pcfg=pcfg,
+                                         checkpoint=checkpoint)
+    model = _build_model(model_name, pcfg, quick_gelu=act == "quickgelu")
     if checkpoint is not None:
         _load_weights(model, checkpoint)
         source = f"open_clip:{pretrained}" if pcfg else f"file:{checkpoint}"
@@ -189,8 +228,11 @@ def load_clip_model(
         embed_dim=_embed_dim(model_name),
         context_length=int(model.context_length),
         fallback_reason=fallback_reason,
+        activation=act,
+        activation_source=act_source,
     )
-    logger.info("CLIP %s loaded from %s (weights sha256 %s)", model_name, source, loaded.weights_sha256[:12])
+    logger.info("CLIP %s loaded from %s (weights sha256 %s, %s: %s)", model_name, source,
+                loaded.weights_sha256[:12], act, act_source)
     with _CACHE_LOCK:
         # Another thread may have loaded it meanwhile: keep the first so every caller shares one model.
         return _CACHE.setdefault(key, loaded)
@@ -362,10 +404,10 @@ def _seeded_init() -> Iterator[None]:
         yield
 
 
-def _build_model(model_name: str, pcfg: dict[str, Any]) -> nn.Module:
+def _build_model(model_name: str, pcfg: dict[str, Any], *, quick_gelu: bool) -> nn.Module:
     with _seeded_init():
         if model_name == TINY:
-            model = open_clip.CLIP(**_TINY_CONFIG)
+            model = open_clip.CLIP(**_TINY_CONFIG, quick_gelu=quick_gelu)
             size = model.visual.image_size
             open_clip.set_model_preprocess_cfg(model, dataclasses.asdict(PreprocessCfg(size=size)))
             return model
@@ -376,8 +418,8 @@ def _build_model(model_name: str, pcfg: dict[str, Any]) -> nn.Module:
             return open_clip.create_model(
                 model_name,
                 pretrained=None,
-                # The tag's architecture details (QuickGELU, preprocessing) even when weights are missing.
-                force_quick_gelu=bool(pcfg.get("quick_gelu", False)),
+                # Decided by resolve_activation (a -quickgelu config builds QuickGELU either way).
+                force_quick_gelu=quick_gelu,
                 force_preprocess_cfg=overrides or None,
                 # Never fetch timm / Hugging Face base-tower weights behind the caller's back.
                 pretrained_image=False,
@@ -387,9 +429,124 @@ def _build_model(model_name: str, pcfg: dict[str, Any]) -> nn.Module:
             logging.getLogger().removeFilter(notice_filter)
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (how OpenAI released its CLIP weights)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    # torch.save archives hold data.pkl only; TorchScript ones also hold their code and constants.
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    # TorchScript archives hold tensors and TorchScript code, not arbitrary pickled Python objects.
+    module = torch.jit.load(str(path), map_location="cpu")
+    state = {k: v for k, v in module.state_dict().items() if k not in _TORCHSCRIPT_EXTRA_KEYS}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _state_dict_keys(path: Path) -> list[str]:
+    """The tensor names of a weights file (read once more by the loader; cheap next to building the model)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    if _is_torchscript(path):
+        return list(_torchscript_state_dict(path))
+    return list(open_clip.factory.load_state_dict(str(path), weights_only=True))
+
+
+def _is_openai_layout(keys: Sequence[str]) -> bool:
+    """OpenAI CLIP's own parameter names (a ViT or ModifiedResNet image tower, the CLIP text tower).
+
+    open_clip's native ViT checkpoints share these names; timm towers (``visual.trunk``), Hugging
+    Face text towers (``text.``) and SigLIP (``logit_bias``) do not.
+    """
+    names = set(keys)
+    if any(k.startswith(("visual.trunk.", "text.")) for k in names) or "logit_bias" in names:
+        return False
+    text = {"token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight"}
+    vision = any(k.startswith(("visual.transformer.resblocks.", "visual.layer1.")) for k in names)
+    return text <= names and vision and any(k.startswith("transformer.resblocks.") for k in names)
+
+
+def _sibling_config_quick_gelu(path: Path) -> bool | None:
+    """``model_cfg.quick_gelu`` of an ``open_clip_config.json`` beside the weights (Hugging Face layout)."""
+    config = path.parent / "open_clip_config.json"
+    if not config.is_file():
+        return None
+    try:
+        model_cfg = json.loads(config.read_text(encoding="utf-8")).get("model_cfg", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return bool(model_cfg.get("quick_gelu", False)) if isinstance(model_cfg, dict) else None
+
+
+def _config_quick_gelu(model_name: str) -> bool:
+    if model_name == TINY:
+        return False
+    return bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise UsageError(f"unknown CLIP activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def resolve_activation(
+    model_name: str,
+    activation: str = "auto",
+    *,
+    pretrained: str | None = None,
+    pcfg: dict[str, Any] | None = None,
+    checkpoint: Path | None = None,
+) -> tuple[str, str]:
+    """``("quickgelu" | "gelu", why)`` for a CLIP model and where its weights come from.
+
+    In order: an explicit ``activation``; a ``-quickgelu`` model config; a pretrained tag's
+    config; for a weights file, an ``open_clip_config.json`` beside it, else QuickGELU when the
+    file has OpenAI's layout (OpenAI trained every CLIP it released with QuickGELU; pass
+    ``activation="gelu"`` for open_clip weights trained with ``nn.GELU`` in the same layout);
+    otherwise the model config's own activation.
+
+    Raises:
+        UsageError: ``activation`` is unknown or contradicts a ``-quickgelu`` model name.
+    """
+    _check_activation(activation)
+    config_quick = _config_quick_gelu(model_name)
+    if activation != "auto":
+        if config_quick and activation == "gelu":
+            raise UsageError(f"CLIP model {model_name} is a QuickGELU config but activation gelu was asked for: "
+                             f"drop one of them (e.g. use {model_name.removesuffix('-quickgelu')})")
+        return activation, "asked for"
+    if config_quick:
+        return "quickgelu", f"model config {model_name}"
+    if pcfg:
+        return ("quickgelu" if pcfg.get("quick_gelu") else "gelu"), f"pretrained tag {pretrained}"
+    if checkpoint is not None:
+        sibling = _sibling_config_quick_gelu(checkpoint)
+        if sibling is not None:
+            return ("quickgelu" if sibling else "gelu"), "open_clip_config.json beside the weights"
+        try:
+            keys = _state_dict_keys(checkpoint)
+        except Exception:  # unreadable: _load_weights reports it with a clear message
+            keys = []
+        if _is_openai_layout(keys):
+            return "quickgelu", "OpenAI CLIP layout of the weights file (pass activation gelu for nn.GELU weights)"
+    return ("quickgelu" if config_quick else "gelu"), "model config"
+
+
 def _load_weights(model: nn.Module, path: Path) -> None:
     try:
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True, device="cpu")
+        if _is_torchscript(path):
+            _load_torchscript_weights(model, path)
+        else:
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True, device="cpu")
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if len(detail) > 160:  # keep one readable line: the first sentence of long library messages
@@ -400,6 +557,17 @@ def _load_weights(model: nn.Module, path: Path) -> None:
             + (f": {detail}" if detail else "")
             + " (expected a state dict saved with torch.save or safetensors for this CLIP model)"
         ) from exc
+
+
+def _load_torchscript_weights(model: nn.Module, path: Path) -> None:
+    """OpenAI's release archives: the TorchScript module's tensors into the open_clip model."""
+    from open_clip.model import resize_pos_embed
+
+    state = _torchscript_state_dict(path)
+    if "logit_scale" in state and model.logit_scale.ndim != state["logit_scale"].ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    resize_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
 
 
 def _state_dict_sha256(model: nn.Module) -> str:
@@ -463,11 +631,13 @@ class _FrozenTower(nn.Module):
         model_name: str = "ViT-B-32",
         pretrained: str | None = "openai",
         *,
+        activation: str = "auto",
         allow_random: bool = True,
         offline: bool | None = None,
     ) -> None:
         super().__init__()
-        self._setup(load_clip_model(model_name, pretrained, allow_random=allow_random, offline=offline))
+        self._setup(load_clip_model(model_name, pretrained, activation=activation, allow_random=allow_random,
+                                    offline=offline))
 
     @classmethod
     def from_loaded(cls: type[_T], loaded: LoadedCLIP) -> _T:
@@ -485,6 +655,7 @@ class _FrozenTower(nn.Module):
         self.is_pretrained = loaded.is_pretrained
         self.weights_sha256 = loaded.weights_sha256
         self.weights_source = loaded.weights_source
+        self.activation = loaded.activation
         self.embed_dim = loaded.embed_dim
         self.requires_grad_(False)
         super().train(False)
@@ -501,12 +672,12 @@ class _FrozenTower(nn.Module):
 class FrozenCLIPTextEncoder(_FrozenTower):
     """The text tower of a CLIP model: tokens -> L2-normalised embeddings.
 
-    ``FrozenCLIPTextEncoder(model_name="ViT-B-32", pretrained="openai", *, allow_random=True,
-    offline=None)`` loads through :func:`load_clip_model`; ``FrozenCLIPTextEncoder.from_loaded(loaded)``
+    ``FrozenCLIPTextEncoder(model_name="ViT-B-32", pretrained="openai", *, activation="auto",
+    allow_random=True, offline=None)`` loads through :func:`load_clip_model`; ``FrozenCLIPTextEncoder.from_loaded(loaded)``
     wraps a model already loaded.
 
     Attributes: ``embed_dim``, ``context_length``, ``model_name``, ``pretrained``, ``is_pretrained``,
-    ``weights_sha256``, ``weights_source``.
+    ``weights_sha256``, ``weights_source``, ``activation``.
     """
 
     def _setup(self, loaded: LoadedCLIP) -> None:

@@ -1,13 +1,21 @@
 """KDEOV: a lightweight open-vocabulary detector distilled from CLIP.
 
 A small visual backbone (YOLOv8n, YOLOv5s or a tiny CNN) is trained so that its pooled image
-embedding and its per-location spatial embeddings live in a frozen CLIP text tower's embedding
+embedding and its per-location *region* embeddings live in a frozen CLIP text tower's embedding
 space. Any class name then becomes a classifier: encode it with the text tower, take the cosine
 similarity with every location's embedding, and read boxes from the grid (``box_source="grid"``)
 or from the YOLO backbone's own box head (``"yolo"``).
 
-Checkpoints (``vlexport.kdeov/1``) are plain ``torch.save`` dicts of tensors and builtins, so they
-load with ``weights_only=True``; the frozen text tower is never stored in them.
+Detection scores each class independently, as YOLO-World and ViLD-text do: ``sigmoid(s * cos(e, t_c)
++ b)`` with a learned scale ``s`` and bias ``b``, so a one-class vocabulary scores between 0 and 1
+and adding a class never changes another class's score. The region embedding of a YOLO backbone
+is its Detect head's class branch (the two 3x3 convolutions before the final 1x1 classifier,
+pretrained with the detector) followed by a 1x1 projection to the text space; image-level
+zero-shot classification keeps CLIP's softmax over the vocabulary.
+
+Checkpoints (``vlexport.kdeov/2``) are plain ``torch.save`` dicts of tensors and builtins, so they
+load with ``weights_only=True``; the frozen text tower is never stored in them, but its identity
+(model, weights sha256, activation) and the vocabulary the student was trained on are.
 """
 
 from __future__ import annotations
@@ -37,15 +45,21 @@ __all__ = [
     "ProjectionNetwork",
     "SpatialProjection",
     "CrossModalFusionModule",
+    "folded_similarity",
     "KDEOVConfig",
     "KDEOV_PRESETS",
     "KDEOVModel",
     "save_kdeov_checkpoint",
     "load_kdeov_checkpoint",
+    "kdeov_checkpoint_extra",
     "build_kdeov",
 ]
 
-CHECKPOINT_FORMAT = "vlexport.kdeov/1"
+CHECKPOINT_FORMAT = "vlexport.kdeov/2"
+# Format 1 scored the neck features with a softmax head and has no region branch to load into.
+_OLD_FORMATS = {"vlexport.kdeov/1": "a softmax head on the neck features, before per-class sigmoid scoring"}
+#: Initial region-score bias: sigmoid(-4.6) = 0.01, a rare-positive prior as in RetinaNet/YOLO.
+REGION_BIAS_INIT = -math.log(99.0)
 FUSION_MODES = ("film", "cross_attention")
 BOX_SOURCES = ("grid", "yolo")
 _TEXT_PREFIX = "text_encoder."
@@ -138,6 +152,49 @@ class CrossModalFusionModule(nn.Module):
         return f"mode={self.mode!r}"
 
 
+def folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text: torch.Tensor) -> torch.Tensor:
+    """``text @ normalize(GroupNorm(conv(x)))`` per location, without computing the D-channel map.
+
+    ``x`` [B, Cin, H, W] feeds a 1x1 ``conv`` (Cin → D) and a ``GroupNorm``; ``text`` is [C, D].
+    GroupNorm's statistics are linear/quadratic in ``x``: from the spatial mean x̄ and second
+    moment S = X Xᵀ / HW (the statistics derived in float64, so E[y²] − E[y]² does not cancel badly) we get
+    per-sample scales ``a`` and shifts ``b`` with ``GN(conv(x)) = W' x + c`` where
+    ``W' = a ⊙ W`` and ``c = a ⊙ bias + b``. Then the similarities are ``(T W') x + T c`` and the
+    squared norms the quadratic form ``xᵀ W'ᵀW' x + 2 cᵀW' x + |c|²``: GEMMs of width Cin
+    (64 for YOLOv8n's P3) instead of D (512). Returns [B, C, HW].
+    """
+    b, cin = x.shape[0], x.shape[1]
+    d, groups = conv.out_channels, norm.num_groups
+    w = conv.weight.reshape(d, cin)
+    bias = conv.bias if conv.bias is not None else torch.zeros(d, dtype=x.dtype, device=x.device)
+    xf = x.flatten(2)  # [B, Cin, HW]
+    hw = xf.shape[2]
+    # The moments are sums over HW done in float32 GEMMs; everything derived from them (tiny
+    # [Cin, Cin] matrices) is float64.
+    mean_x = xf.mean(dim=2).double()  # [B, Cin]
+    second = (torch.matmul(xf, xf.transpose(1, 2)) / hw).double()  # [B, Cin, Cin]
+    w64, bias64 = w.double(), bias.double()
+    mean_y = torch.matmul(mean_x, w64.t()) + bias64  # [B, D]: E[y_c]
+    sq_y = ((torch.matmul(w64, second) * w64).sum(-1)  # [B, D]: E[y_c^2]
+            + 2 * bias64 * torch.matmul(mean_x, w64.t()) + bias64 * bias64)
+    mu = mean_y.reshape(b, groups, -1).mean(-1, keepdim=True)
+    var = sq_y.reshape(b, groups, -1).mean(-1, keepdim=True) - mu * mu
+    scale = (1.0 / torch.sqrt(var + norm.eps)).expand(-1, -1, d // groups).reshape(b, d)  # [B, D]
+    shift = (-mu * (1.0 / torch.sqrt(var + norm.eps))).expand(-1, -1, d // groups).reshape(b, d)
+    gamma = norm.weight.double() if norm.affine else torch.ones(d, dtype=torch.float64)
+    beta = norm.bias.double() if norm.affine else torch.zeros(d, dtype=torch.float64)
+    a = gamma * scale  # GN(y)_c = a_c y_c + (gamma_c shift_c + beta_c)
+    w_eff = (a.unsqueeze(-1) * w64).to(x.dtype)  # [B, D, Cin]
+    c_eff = (a * bias64 + gamma * shift + beta).to(x.dtype)  # [B, D]
+    sim = torch.matmul(torch.matmul(text, w_eff), xf) + torch.matmul(c_eff, text.t()).unsqueeze(-1)  # [B, C, HW]
+    q = torch.matmul(w_eff.transpose(1, 2), w_eff)  # [B, Cin, Cin]
+    lin = 2.0 * torch.matmul(c_eff.unsqueeze(1), w_eff)  # [B, 1, Cin]
+    qx = torch.matmul(q, xf)  # [B, Cin, HW]
+    sq_norm = (torch.matmul(torch.ones_like(lin), qx * xf) + torch.matmul(lin, xf)
+               + (c_eff * c_eff).sum(-1, keepdim=True).unsqueeze(-1))  # [B, 1, HW]
+    return sim / sq_norm.clamp_min(0).sqrt().clamp_min(1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
@@ -157,6 +214,8 @@ class KDEOVConfig:
         image_size: square input size (multiple of 32).
         clip_model, clip_pretrained: the CLIP towers the student is aligned to (open_clip model
             name or ``"tiny"``; pretrained tag, weights path, or None for seeded random weights).
+        clip_activation: the towers' MLP activation, ``"auto"`` (from the weights' provenance),
+            ``"quickgelu"`` or ``"gelu"`` (see :func:`~vlexport.models.clip_towers.resolve_activation`).
     """
 
     backbone: str = "yolov8n"
@@ -168,6 +227,7 @@ class KDEOVConfig:
     image_size: int = 640
     clip_model: str = "ViT-B-32"
     clip_pretrained: str | None = "openai"
+    clip_activation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSION_MODES:
@@ -259,7 +319,10 @@ class KDEOVModel(nn.Module):
         # CLIP's initial temperature 0.07, learned in log space.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.projection = ProjectionNetwork(self.backbone.out_channels[-1], d)
-        self.spatial_projections = nn.ModuleList(SpatialProjection(c, d) for c in self.backbone.out_channels)
+        self.spatial_projections = nn.ModuleList(SpatialProjection(c, d) for c in self.region_channels)
+        # Per-class detection logits: region_logit_scale.exp() * cos + region_bias, then a sigmoid.
+        self.region_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.region_bias = nn.Parameter(torch.tensor(REGION_BIAS_INIT))
         self.fusion = CrossModalFusionModule(d, config.fusion_heads, config.fusion)
         self.text_encoder: nn.Module | None = None
         if text_encoder is not None:
@@ -311,12 +374,36 @@ class KDEOVModel(nn.Module):
         """Images ``[B, 3, H, W]`` (RGB in [0, 1]) → L2-normalised embeddings ``[B, D]``."""
         return self.projection(self.backbone(images)[-1])
 
+    @property
+    def region_channels(self) -> list[int]:
+        """Channels of the region features each level's projection reads."""
+        if not self.backbone.has_box_head:
+            return list(self.backbone.out_channels)
+        return [int(branch[-1].conv.out_channels) for branch in self._class_branches()]
+
+    def _class_branches(self) -> list[nn.Module]:
+        # The Detect head's class branch without its final 1x1 classifier (shared with the backbone:
+        # its weights are the detector's, and they train with the region head).
+        return [branch[:-1] for branch in self.backbone.detect.cv3]
+
+    def region_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-level features the region embeddings are projected from (the class branch of a YOLO head)."""
+        if not self.backbone.has_box_head:
+            return feats
+        return [branch(f) for branch, f in zip(self._class_branches(), feats)]
+
     def _spatial(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [F.normalize(proj(f), dim=1) for proj, f in zip(self.spatial_projections, feats)]
+        regions = self.region_features(feats)
+        return [F.normalize(proj(f), dim=1) for proj, f in zip(self.spatial_projections, regions)]
 
     def get_spatial_embeddings(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per-level embeddings ``[B, D, H_l, W_l]`` (strides 8, 16, 32), L2-normalised along D."""
+        """Per-level region embeddings ``[B, D, H_l, W_l]`` (strides 8, 16, 32), L2-normalised along D."""
         return self._spatial(self.backbone(images))
+
+    def region_logits(self, embeddings: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Unit region embeddings ``[..., D]`` x text ``[C, D]`` -> per-class logits ``[..., C]``."""
+        text = F.normalize(text_features, dim=-1)
+        return self.region_logit_scale.exp() * embeddings @ text.t() + self.region_bias
 
     def zero_shot_classify(self, images: torch.Tensor, classes: Sequence[str] | torch.Tensor) -> torch.Tensor:
         """Class probabilities ``[B, C] = softmax(exp(logit_scale) · cos(image, text))``."""
@@ -338,25 +425,24 @@ class KDEOVModel(nn.Module):
             boxes.append(torch.cat((centres - half, centres + half), -1))
         return torch.cat(boxes, 0)
 
+    def _boxes(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.config.box_source == "yolo":
+            return self.backbone.box_regression(feats)
+        return self.grid_boxes(feats).unsqueeze(0).expand(feats[0].shape[0], -1, -1)
+
     def _detect_from_feats(
         self, feats: list[torch.Tensor], spatial: list[torch.Tensor], text_features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b = feats[0].shape[0]
         # [B, N, D]: levels P3, P4, P5, each row-major, the same order as the boxes.
         emb = torch.cat([s.flatten(2) for s in spatial], 2).transpose(1, 2)
-        text = F.normalize(text_features, dim=-1)
-        probs = (self.logit_scale.exp() * emb @ text.t()).softmax(-1)
-        if self.config.box_source == "yolo":
-            boxes = self.backbone.box_regression(feats)
-        else:
-            boxes = self.grid_boxes(feats).unsqueeze(0).expand(b, -1, -1)
-        return boxes, probs
+        return self._boxes(feats), self.region_logits(emb, text_features).sigmoid()
 
     def detect_raw(self, images: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense predictions: boxes ``[B, N, 4]`` (xyxy, input pixels) and class probabilities ``[B, N, C]``.
+        """Dense predictions: boxes ``[B, N, 4]`` (xyxy, input pixels) and class scores ``[B, N, C]``.
 
-        Each location's probability is ``softmax_c(exp(logit_scale) · cos(e_n, t_c))``. The
-        graph has no data-dependent control flow, so it traces to ONNX with a dynamic batch.
+        Each class is scored on its own: ``sigmoid(exp(region_logit_scale) · cos(e_n, t_c) +
+        region_bias)``. The graph has no data-dependent control flow, so it traces to ONNX with a
+        dynamic batch.
         """
         feats = self.backbone(images)
         return self._detect_from_feats(feats, self._spatial(feats), text_features)
@@ -370,7 +456,7 @@ class KDEOVModel(nn.Module):
         iou_threshold: float = 0.5,
         max_detections: int = 300,
     ) -> list[dict[str, torch.Tensor]]:
-        """Detect the given classes: best class per location, score threshold, per-class NMS.
+        """Detect the given classes: best-scoring class per location, score threshold, per-class NMS.
 
         Boxes are clipped to the image. Detections with ``score >= score_threshold`` are kept.
 
@@ -406,9 +492,9 @@ class KDEOVModel(nn.Module):
         """One pass over the backbone for every output.
 
         Returns a dict with ``visual_features [B, D]``, ``text_features [C, D]``, ``logits [B, C]``
-        (``exp(logit_scale) · cos``), ``visual_map [B, D, H5, W5]`` (last-level spatial embedding),
+        (``exp(logit_scale) · cos``), ``visual_map [B, D, H5, W5]`` (last-level region embedding),
         ``fused_map`` (``visual_map`` fused with the text, same shape) and ``predictions``
-        (:meth:`detect_raw` class probabilities ``[B, N, C]``). Without text features or texts the
+        (:meth:`detect_raw` per-class scores ``[B, N, C]``). Without text features or texts the
         text-dependent entries are None.
         """
         if text_features is not None and texts is not None:
@@ -464,7 +550,8 @@ class _StudentView(nn.Module):
         for name, child in model.named_children():
             if name != "text_encoder":
                 self.add_module(name, child)
-        self.logit_scale = model.logit_scale
+        for name, param in model.named_parameters(recurse=False):  # logit scales, region bias
+            self.register_parameter(name, param)
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,6 +602,11 @@ def _read_kdeov_checkpoint(path: str | Path) -> dict[str, Any]:
     obj = load_checkpoint_file(path, trust=False, what="KDEOV checkpoint")
     if not isinstance(obj, Mapping) or "format" not in obj:
         raise CheckpointError(f"{path} is not a KDEOV checkpoint (no 'format' key; expected {CHECKPOINT_FORMAT})")
+    if obj["format"] in _OLD_FORMATS:
+        raise CheckpointError(
+            f"{path} is a {obj['format']} checkpoint ({_OLD_FORMATS[obj['format']]}); this vlexport reads "
+            f"{CHECKPOINT_FORMAT}: train it again with `vlexport train-kdeov`"
+        )
     if obj["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {obj['format']!r}; expected {CHECKPOINT_FORMAT}")
     if not isinstance(obj.get("config"), Mapping) or not isinstance(obj.get("state_dict"), Mapping):
@@ -534,6 +626,12 @@ def load_kdeov_checkpoint(path: str | Path) -> tuple[KDEOVConfig, dict[str, torc
     """
     obj = _read_kdeov_checkpoint(path)
     return obj["config"], dict(obj["state_dict"])
+
+
+def kdeov_checkpoint_extra(path: str | Path) -> dict[str, Any]:
+    """The ``extra`` record of a KDEOV checkpoint: vocabulary, text tower identity, training state."""
+    extra = _read_kdeov_checkpoint(path).get("extra") or {}
+    return dict(extra) if isinstance(extra, Mapping) else {}
 
 
 def build_kdeov(

@@ -28,7 +28,6 @@ from typing import Any, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU
 from torch import nn
 
 from vlexport.errors import UsageError
@@ -57,6 +56,7 @@ __all__ = [
     "window_grid",
     "resize_short_side",
     "split_synonyms",
+    "classes_from_option",
 ]
 
 #: OpenAI CLIP mean/std x 255, RGB, applied to 0-255 pixel values (SCLIP's SegDataPreProcessor).
@@ -65,6 +65,10 @@ OPENAI_STD_255: tuple[float, float, float] = (68.501, 66.632, 70.323)
 
 #: A class line with synonyms: ``"sky, wall, tree"`` (exactly comma + space, as SCLIP's class files).
 SYNONYM_SEPARATOR = ", "
+
+#: Between the synonyms of one class in `vlexport sclip --classes` (``"road|street,car"``), where
+#: ``","`` already separates the classes.
+CLASS_OPTION_SYNONYM = "|"
 
 ImageLike = Union[np.ndarray, torch.Tensor]
 MaskSource = Union[Sequence[np.ndarray], Callable[[np.ndarray], Sequence[np.ndarray]]]
@@ -83,7 +87,8 @@ class SCLIPConfig:
         clip_pretrained: open_clip tag, weights file, or ``None`` for seeded random weights.
         image_size / patch_size: the ViT's native input size and patch size (informational;
             the positional table is read from the model).
-        quick_gelu: run the MLPs with QuickGELU (OpenAI weights) whatever open_clip built.
+        clip_activation: the towers' MLP activation: ``"auto"`` (from the weights' provenance, see
+            :func:`~vlexport.models.clip_towers.resolve_activation`), ``"quickgelu"`` or ``"gelu"``.
         logit_scale: SCLIP's constant temperature (not CLIP's learnt one).
         slide_crop / slide_stride: sliding-window size and stride; ``slide_crop=0`` runs the whole image.
         pamr_steps / pamr_dilations: PAMR iterations (0: off, SCLIP's released configs) and dilations.
@@ -98,7 +103,7 @@ class SCLIPConfig:
     clip_pretrained: str | None
     image_size: int = 224
     patch_size: int = 16
-    quick_gelu: bool = True
+    clip_activation: str = "auto"
     logit_scale: float = 40.0
     slide_crop: int = 224
     slide_stride: int = 112
@@ -123,12 +128,16 @@ class SCLIPConfig:
             raise UsageError(f"SCLIP short_side must be >= 1, got {self.short_side}")
         if not 0.0 <= self.prob_threshold <= 1.0:
             raise UsageError(f"SCLIP prob_threshold must be in [0, 1], got {self.prob_threshold}")
+        if not 0.0 <= self.area_threshold <= 1.0:
+            raise UsageError(f"SCLIP area_threshold must be in [0, 1], got {self.area_threshold}")
+        if self.max_long_side < 1:
+            raise UsageError(f"SCLIP max_long_side must be >= 1, got {self.max_long_side}")
 
 
 SCLIP_PRESETS: dict[str, SCLIPConfig] = {
     # Test-only: the 2-layer tiny CLIP (64x64, patch 16), windows of 64 with stride 32.
     "tiny": SCLIPConfig(
-        clip_model=TINY, clip_pretrained=None, image_size=64, patch_size=16, quick_gelu=False,
+        clip_model=TINY, clip_pretrained=None, image_size=64, patch_size=16,
         slide_crop=64, slide_stride=32, short_side=96,
     ),
     # SCLIP's default backbone (OpenAI ViT-B/16, QuickGELU).
@@ -194,6 +203,53 @@ def split_synonyms(class_lines: Sequence[str]) -> tuple[list[str], list[int]]:
     return queries, owner
 
 
+def classes_from_option(value: str) -> list[str]:
+    """``--classes`` of `vlexport sclip`: classes separated by ``","``, synonyms of one class by ``"|"``.
+
+    ``"background|sky|wall,cat,dog"`` -> ``["background, sky, wall", "cat", "dog"]``: the class
+    lines a ``--vocab`` file with those lines gives (synonyms joined by :data:`SYNONYM_SEPARATOR`),
+    so each synonym becomes its own query of that class. Names are stripped; empty ones are
+    skipped (as ``parse_vocabulary`` does); a name may appear only once in the whole value.
+    """
+    lines: list[str] = []
+    seen: list[str] = []
+    for item in str(value).split(","):
+        names = [name.strip() for name in item.split(CLASS_OPTION_SYNONYM)]
+        names = [name for name in names if name]
+        if names:
+            lines.append(SYNONYM_SEPARATOR.join(names))
+            seen.extend(names)
+    if not lines:
+        raise UsageError('the vocabulary is empty: pass --classes "sky|clouds,tree,person" (classes separated by ",", '
+                         'synonyms of one class by "|") or --vocab FILE')
+    duplicates = sorted({name for name in seen if seen.count(name) > 1})
+    if duplicates:
+        raise UsageError(f"--classes names {', '.join(map(repr, duplicates))} more than once; list each name once")
+    return lines
+
+
+def _bicubic_matrix(n: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
+    """Weights ``[n, size]`` of PyTorch's 1-D bicubic resize from ``size`` samples to ``n``.
+
+    As ``F.interpolate(mode="bicubic", align_corners=False, scale_factor=(n + 0.1) / size)``
+    (SCLIP's DINO-style factor): source position ``(i + 0.5) * size / (n + 0.1) - 0.5``, Keys
+    kernel with ``A = -0.75``, taps clamped to the border. ``n`` is a (traced) integer tensor, so
+    an exported graph computes the matrix for whatever size it is fed.
+    """
+    dtype, device = like.dtype, like.device
+    a = -0.75
+    real = (torch.arange(n, device=device).to(dtype) + 0.5) * (size / (n.to(dtype) + 0.1)) - 0.5
+    start = torch.floor(real)
+    t = (real - start).clamp(0.0, 1.0)[:, None]
+    u = torch.cat([t + 1.0, t, 1.0 - t, 2.0 - t], dim=1)  # distance to the 4 taps, [n, 4]
+    near = ((a + 2.0) * u - (a + 3.0)) * u * u + 1.0  # |x| <= 1
+    far = ((a * u - 5.0 * a) * u + 8.0 * a) * u - 4.0 * a  # 1 < |x| < 2
+    weights = torch.cat([far[:, :1], near[:, 1:3], far[:, 3:]], dim=1)
+    taps = (start[:, None] + torch.arange(-1, 3, device=device).to(dtype)).clamp(0, size - 1)
+    onehot = (taps[:, :, None] == torch.arange(size, device=device).to(dtype)).to(dtype)  # [n, 4, size]
+    return (weights[:, :, None] * onehot).sum(dim=1)
+
+
 def _templates_id(templates: Sequence[str]) -> str:
     templates = tuple(templates)
     if templates == IMAGENET_TEMPLATES:
@@ -230,6 +286,21 @@ def csa_attention(x: torch.Tensor, attn: nn.MultiheadAttention) -> torch.Tensor:
     weights = F.softmax(q @ q.transpose(-2, -1) * scale, dim=-1) + F.softmax(k @ k.transpose(-2, -1) * scale, dim=-1)
     out = (weights @ v).transpose(1, 2).reshape(batch, tokens, dim)
     return attn.out_proj(out)
+
+
+def _plain_attention(x: torch.Tensor, attn: nn.MultiheadAttention) -> torch.Tensor:
+    """``nn.MultiheadAttention`` self-attention (no mask, eval) on batch-first tokens, written out.
+
+    Used while tracing: PyTorch's own implementation bakes the traced token count into the graph,
+    which would fix the crop size of an exported segmenter.
+    """
+    batch, tokens, dim = x.shape
+    heads = attn.num_heads
+    head_dim = dim // heads
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    weights = F.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5, dim=-1)
+    return attn.out_proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,9 +362,11 @@ class SCLIPSegmenter(nn.Module):
         self.patch_size = int(visual.conv1.kernel_size[0])
         self.grid = int(round(math.sqrt(visual.positional_embedding.shape[0] - 1)))
         self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
-        # OpenAI weights need QuickGELU; open_clip's plain configs build nn.GELU. Force it without
-        # touching the shared, cached model.
-        self.act: nn.Module = QuickGELU() if config.quick_gelu else blocks[0].mlp.gelu
+        # The loader built the towers with the activation the weights were trained with (OpenAI:
+        # QuickGELU), so the image and text paths agree; a config that names another one is refused.
+        if config.clip_activation not in ("auto", loaded.activation):
+            raise UsageError(f"SCLIP config asks for {config.clip_activation} but CLIP {loaded.model_name} was "
+                             f"loaded with {loaded.activation}; load it with activation={config.clip_activation!r}")
         self.pamr = PAMR(config.pamr_steps, config.pamr_dilations) if config.pamr_steps > 0 else None
         self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -325,7 +398,8 @@ class SCLIPSegmenter(nn.Module):
             overrides["clip_pretrained"] = pretrained
         if overrides:
             config = dataclasses.replace(config, **overrides)
-        loaded = load_clip_model(config.clip_model, config.clip_pretrained, allow_random=allow_random, offline=offline)
+        loaded = load_clip_model(config.clip_model, config.clip_pretrained, activation=config.clip_activation,
+                                 allow_random=allow_random, offline=offline)
         return cls(loaded, config, class_names, templates=templates, cache=cache)
 
     def train(self, mode: bool = True) -> SCLIPSegmenter:
@@ -369,8 +443,16 @@ class SCLIPSegmenter(nn.Module):
 
     # ---------------------------------------------------------------- features
 
-    def _pos_embed(self, gh: int, gw: int) -> torch.Tensor:
-        """Positional table ``[1 + gh*gw, D]``, DINO-style bicubic interpolation when the count differs."""
+    def _pos_embed(self, gh: int | torch.Tensor, gw: int | torch.Tensor) -> torch.Tensor:
+        """Positional table ``[1 + gh*gw, D]``, DINO-style bicubic interpolation when the count differs.
+
+        While tracing for ONNX (``gh``/``gw`` are then traced sizes) the same interpolation is built
+        from the sizes in-graph (:meth:`_pos_embed_traced`), so an exported graph keeps the crop's
+        height and width dynamic; eagerly it is the reference's ``F.interpolate``.
+        """
+        if torch.jit.is_tracing():
+            return self._pos_embed_traced(gh, gw)
+        gh, gw = int(gh), int(gw)
         pos = self.visual.positional_embedding
         if gh * gw == pos.shape[0] - 1:  # SCLIP's test: token count only (non-square 196 uses the table)
             return pos
@@ -385,21 +467,39 @@ class SCLIPSegmenter(nn.Module):
         patch = patch.permute(0, 2, 3, 1).reshape(gh * gw, dim)
         return torch.cat([pos[:1], patch], dim=0)
 
-    def _mlp(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return block.mlp.c_proj(self.act(block.mlp.c_fc(x)))
+    def _pos_embed_traced(self, gh: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
+        """:meth:`_pos_embed` from traced sizes (0-dim integer tensors), without Python control flow.
+
+        The bicubic resize is separable, so the patch table ``P [g, g, D]`` becomes
+        ``Wy @ P @ Wx^T`` with the resize's weight matrices built from the sizes
+        (:func:`_bicubic_matrix`); SCLIP's "same token count keeps the table" test is a ``where``.
+        Equal to the eager path up to float32 rounding (``tests/unit/test_sclip.py``).
+        """
+        pos = self.visual.positional_embedding
+        g = self.grid
+        table = pos[1:]  # [g*g, D]
+        wy, wx = _bicubic_matrix(gh, g, table), _bicubic_matrix(gw, g, table)  # [gh, g], [gw, g]
+        patch = (wy @ table.reshape(g, -1)).reshape(-1, g, table.shape[-1])  # [gh, g, D]
+        patch = (wx @ patch).reshape(-1, table.shape[-1])  # [gh, gw, D] -> [gh*gw, D]
+        n = gh * gw
+        same = table[torch.arange(n, device=table.device).clamp(max=g * g - 1)]
+        patch = torch.where(n == g * g, same, patch)
+        return torch.cat([pos[:1], patch], dim=0)
 
     def _block(self, block: nn.Module, x: torch.Tensor, *, csa: bool) -> torch.Tensor:
         """One residual block on batch-first tokens; ``csa`` swaps attention for CSA."""
         h = block.ln_1(x)
         if csa:
             a = csa_attention(h, block.attn)
+        elif torch.jit.is_tracing() and block.attn.in_proj_weight is not None:
+            a = _plain_attention(h, block.attn)  # keeps the token count (crop size) dynamic in ONNX
         elif block.attn.batch_first:
             a = block.attn(h, h, h, need_weights=False)[0]
         else:
             t = h.transpose(0, 1)
             a = block.attn(t, t, t, need_weights=False)[0].transpose(0, 1)
         x = x + block.ls_1(a)
-        return x + block.ls_2(self._mlp(block, block.ln_2(x)))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images ``[B, 3, h, w]`` -> unit-norm patch features ``[B, D, h // p, w // p]``."""
@@ -408,7 +508,7 @@ class SCLIPSegmenter(nn.Module):
         batch, width, gh, gw = x.shape
         x = x.reshape(batch, width, gh * gw).permute(0, 2, 1)
         cls = v.class_embedding.to(x.dtype).view(1, 1, width).expand(batch, 1, width)
-        x = torch.cat([cls, x], dim=1) + self._pos_embed(int(gh), int(gw)).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self._pos_embed(gh, gw).to(x.dtype)  # traced sizes stay dynamic
         x = v.ln_pre(x)
         blocks = v.transformer.resblocks
         with _export_safe_attention():
@@ -544,8 +644,14 @@ class SCLIPSegmenter(nn.Module):
         return self.queries_to_classes(probs, dim=0)
 
     @torch.no_grad()
-    def segment(self, image: ImageLike, class_names: Sequence[str] | None = None) -> np.ndarray:
-        """Raw image -> label map ``int64 [H, W]`` at the image's own size (class indices of the vocabulary)."""
+    def probabilities(self, image: ImageLike, class_names: Sequence[str] | None = None) -> torch.Tensor:
+        """Raw image -> class probabilities ``float32 [C, H, W]`` at the image's own size.
+
+        :meth:`postprocess` of :meth:`query_logits` (temperature, softmax over queries, synonym
+        max), then SCLIP's ``area_thd``: classes ``1..C-1`` whose argmax area is at most
+        ``area_threshold`` of the pixels those classes win have their probabilities set to 0.
+        :meth:`segment` is the argmax of this (plus ``prob_threshold``).
+        """
         if class_names is not None and list(class_names) != self.class_names:
             self.set_vocabulary(class_names)
         logits, _ = self.query_logits(image)
@@ -555,6 +661,12 @@ class SCLIPSegmenter(nn.Module):
             areas = torch.bincount(pred.flatten(), minlength=probs.shape[0])[1:].float()
             small = areas <= self.config.area_threshold * areas.sum()
             probs[1:][small] = 0
+        return probs
+
+    @torch.no_grad()
+    def segment(self, image: ImageLike, class_names: Sequence[str] | None = None) -> np.ndarray:
+        """Raw image -> label map ``int64 [H, W]`` at the image's own size (class indices of the vocabulary)."""
+        probs = self.probabilities(image, class_names)  # [C, H, W]
         best, pred = probs.max(dim=0)
         if self.config.prob_threshold > 0:
             pred[best < self.config.prob_threshold] = 0

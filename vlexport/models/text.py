@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +23,7 @@ from tqdm import tqdm
 
 from vlexport.errors import UsageError
 from vlexport.models.clip_towers import FrozenCLIPTextEncoder
+from vlexport.runtime.text_cache import TextEmbeddingCache  # torch-free: the runtime shares it
 
 logger = logging.getLogger(__name__)
 
@@ -217,81 +216,6 @@ def parse_vocabulary(classes: str | None, vocab_file: str | os.PathLike[str] | N
     return names
 
 
-class TextEmbeddingCache:
-    """On-disk cache of class text embeddings: one float32 ``[D]`` ``.npy`` file per key.
-
-    The key is the sha256 of ``json.dumps([model_name, weights_sha256, templates_id, class_name])``.
-    Files live under ``<root>/text/<key[:2]>/<key>.npy`` with ``root`` defaulting to
-    ``$VLEXPORT_CACHE`` or ``~/.cache/vlexport``. Writes are atomic; a cache that cannot be written
-    logs one warning and is then bypassed: the cache never fails an export.
-    """
-
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        if root is None:
-            root = os.environ.get("VLEXPORT_CACHE") or Path("~/.cache/vlexport").expanduser()
-        self.root = Path(root).expanduser()
-        self.dir = self.root / "text"
-        self._writable = True
-
-    def __repr__(self) -> str:
-        return f"TextEmbeddingCache({str(self.root)!r})"
-
-    @staticmethod
-    def key(model_name: str, weights_sha256: str, templates_id: str, class_name: str) -> str:
-        """The cache key of one class embedding."""
-        payload = json.dumps([model_name, weights_sha256, templates_id, class_name])
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-    def path(self, key: str) -> Path:
-        # Two-character shards keep directories small for large vocabularies (LVIS: 1203 classes).
-        return self.dir / key[:2] / f"{key}.npy"
-
-    def get(self, model_name: str, weights_sha256: str, templates_id: str, class_name: str) -> np.ndarray | None:
-        """The cached ``float32 [D]`` embedding, or ``None`` when absent or unreadable."""
-        path = self.path(self.key(model_name, weights_sha256, templates_id, class_name))
-        try:
-            value = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:  # truncated or foreign file: recompute, it gets overwritten
-            logger.debug("ignoring unreadable text-embedding cache file %s: %s", path, exc)
-            return None
-        if value.ndim != 1 or value.dtype != np.float32 or not np.isfinite(value).all():
-            logger.debug("ignoring malformed text-embedding cache file %s", path)
-            return None
-        return value
-
-    def put(
-        self, model_name: str, weights_sha256: str, templates_id: str, class_name: str, embedding: np.ndarray
-    ) -> bool:
-        """Store one embedding atomically; returns False (after one warning) when the cache is not writable."""
-        if not self._writable:
-            return False
-        value = np.ascontiguousarray(embedding, dtype=np.float32)
-        if value.ndim != 1:
-            raise ValueError(f"a text embedding must be 1-D, got shape {value.shape}")
-        path = self.path(self.key(model_name, weights_sha256, templates_id, class_name))
-        tmp_name: str | None = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", suffix=".npy", delete=False) as tmp:
-                tmp_name = tmp.name
-                np.save(tmp, value, allow_pickle=False)
-            os.replace(tmp_name, path)
-            return True
-        except OSError as exc:
-            self._writable = False
-            logger.warning(
-                "text-embedding cache %s is not writable (%s); continuing without caching", self.dir, exc
-            )
-            if tmp_name is not None:
-                try:
-                    os.unlink(tmp_name)
-                except OSError:
-                    pass
-            return False
-
-
 @dataclasses.dataclass(frozen=True)
 class TextEmbeddings:
     """Class text embeddings of one vocabulary.
@@ -352,11 +276,12 @@ def build_text_embeddings(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dim = encoder.embed_dim
     ident = (encoder.model_name, encoder.weights_sha256, templates_id)
+    activation = encoder.activation
 
     found: dict[str, np.ndarray] = {}
     if cache is not None:
         for name in dict.fromkeys(names):
-            value = cache.get(*ident, name)
+            value = cache.get(*ident, name, activation=activation)
             if value is not None and value.shape == (dim,):
                 found[name] = value
     misses = [name for name in dict.fromkeys(names) if name not in found]
@@ -366,7 +291,7 @@ def build_text_embeddings(
         for name, row in zip(misses, computed):
             found[name] = row
             if cache is not None:
-                cache.put(*ident, name, row)
+                cache.put(*ident, name, row, activation=activation)
     logger.debug("text embeddings: %d classes encoded, %d from cache", len(misses), len(names) - len(misses))
 
     matrix = np.stack([found[name] for name in names]).astype(np.float32, copy=False)

@@ -125,6 +125,7 @@ def train_feature_alignment(
     progress: bool = True,
     loss_fn: FeatureAlignmentLoss | None = None,
     dino: DINODistillation | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> list[float]:
     """Distil a frozen CLIP image tower into the student's image embedding.
 
@@ -147,6 +148,7 @@ def train_feature_alignment(
         dino: optional DINO self-distillation: its loss, times ``dino.weight``, is added to the
             total; its student head is trained with the model and its EMA teacher is updated
             after every optimiser step. It is a training aid only: not saved in the checkpoint.
+        record: more entries for the checkpoint's ``extra`` (e.g. the text tower's identity).
 
     Returns:
         the loss of every step.
@@ -209,7 +211,7 @@ def train_feature_alignment(
             dino.eval()
 
     if checkpoint_out is not None:
-        extra = {"steps": int(steps), "lr": float(lr), "loss_history": history}
+        extra = {**dict(record or {}), "steps": int(steps), "lr": float(lr), "loss_history": history}
         if dino is not None:
             extra["dino_weight"] = dino.weight
         save_kdeov_checkpoint(model, checkpoint_out, extra=extra)
@@ -263,11 +265,15 @@ def train_kdeov_on_folder(
         config = dataclasses.replace(config, image_size=image_size)
     torch.manual_seed(seed)
     dataset = ImageFolderDataset(images, config.image_size)
-    text = FrozenCLIPTextEncoder(config.clip_model, config.clip_pretrained, allow_random=True)
+    text = FrozenCLIPTextEncoder(config.clip_model, config.clip_pretrained, activation=config.clip_activation,
+                                 allow_random=True)
     teacher = FrozenCLIPImageEncoder.from_loaded(text.loaded)
     model = build_kdeov(config, backbone_weights=backbone_weights, trust_checkpoint=trust_checkpoint,
                         text_encoder=text)
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
                                          drop_last=True, generator=torch.Generator().manual_seed(seed))
     dino = DINODistillation(model, weight=dino_weight) if dino_weight > 0 else None
-    return train_feature_alignment(model, loader, teacher, steps=steps, lr=lr, checkpoint_out=out, dino=dino)
+    from vlexport.models.kdeov_detection import text_tower_identity
+
+    return train_feature_alignment(model, loader, teacher, steps=steps, lr=lr, checkpoint_out=out, dino=dino,
+                                   record={"text_tower": text_tower_identity(text.loaded)})

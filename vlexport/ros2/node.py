@@ -31,7 +31,8 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "score_threshold": (-1.0, "minimum score, 0..1 (-1 = the bundle's); changeable at run time"),
     "vocabulary": ("", "class names (string array or 'a,b,c'); '--vocab-mode input' bundles; changeable"),
     "vocabulary_file": ("", ".npz with 'classes' and 'embeddings' precomputed; changeable"),
-    "templates": ("", "the prompt templates file the bundle was exported with, if it was a file"),
+    "templates": ("", "optional: the prompt templates file the bundle was exported with, checked only "
+                      "(bundles carry their templates)"),
     "track": (False, "give detections stable track ids (Detection2D.id); changeable"),
     "track_frame_rate": (30.0, "frames per second arriving, for the tracker's lost-track buffer"),
     "class_id_format": ("name", "hypothesis class_id: the class 'name' or its 'index'"),

@@ -32,7 +32,7 @@ def load(
     ``task`` defaults to the manifest's; ``task="embed"`` runs the ``image_encoder`` part of a
     detect bundle. ``precision`` (fp32/fp16/int8) defaults to the best the device runs;
     ``overrides`` are task options: ``score_threshold`` … (detect), ``prob_threshold``,
-    ``logit_scale`` (segment), ``max_length``, ``method``, ``num_beams``, ``use_cache`` … (caption).
+    ``area_threshold``, ``logit_scale`` (segment), ``max_length``, ``method``, ``num_beams``, ``use_cache`` … (caption).
     """
     from vlexport.errors import UsageError
     from vlexport.runtime.tasks import task_class

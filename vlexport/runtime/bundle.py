@@ -147,6 +147,11 @@ class Bundle:
         p = parts[name]
         return PartInfo(name=name, io=PartIO.from_dict(p), files=dict(p.get("files", {})), engines=dict(p.get("engines", {})))
 
+    def refused(self, part: str) -> dict[str, str]:
+        """Precisions of ``part`` the export left out because they failed their checks: precision -> why."""
+        refused = (self.manifest.get("validation") or {}).get("refused") or {}
+        return {key.partition("/")[2]: str(why) for key, why in refused.items() if key.partition("/")[0] == part}
+
     @property
     def part_names(self) -> list[str]:
         return list(self.manifest["parts"])

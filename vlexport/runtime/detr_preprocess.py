@@ -2,9 +2,11 @@
 
 The official evaluation transform is ``RandomResize([800], max_size=1333)`` (deterministic),
 ``ToTensor`` and ``Normalize(IMAGENET_MEAN, IMAGENET_STD)`` on an RGB image; batches are
-zero-padded at the bottom/right with a mask that is True on padding. The resize there is PIL's
-bilinear filter (antialiased when shrinking); OpenCV's is close but not pixel-identical, so
-:func:`detr_preprocess` uses ``INTER_AREA`` when shrinking and ``INTER_LINEAR`` otherwise.
+zero-padded at the bottom/right with a mask that is True on padding. The resize there is
+``torchvision.transforms.functional.resize`` on a PIL RGB image, i.e. Pillow's bilinear filter
+(antialiased when shrinking), and :func:`detr_preprocess` calls exactly that filter
+(:func:`~vlexport.runtime.preprocess.pil_resize`): OpenCV's filters move pixels by several grey
+levels and the top boxes by up to hundreds of pixels.
 """
 
 from __future__ import annotations
@@ -46,18 +48,18 @@ def detr_resize_size(w: int, h: int, size: int = 800, max_size: int | None = 133
 def detr_preprocess(
     image_bgr: np.ndarray, size: int = 800, max_size: int | None = 1333
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Resize and normalise one BGR uint8 frame: ``([3, H, W] float32 RGB normalised, (new_w, new_h))``."""
-    import cv2
+    """Resize and normalise one BGR uint8 frame: ``([3, H, W] float32 RGB normalised, (new_w, new_h))``.
 
-    from vlexport.runtime.preprocess import check_image
+    The resize is Pillow's bilinear filter on the RGB image, as DETR's evaluation transform.
+    """
+    from vlexport.runtime.preprocess import check_image, pil_resize
 
     image = check_image(image_bgr)
     h, w = image.shape[:2]
     new_w, new_h = detr_resize_size(w, h, size, max_size)
-    if (new_w, new_h) != (w, h):
-        shrinking = new_w * new_h < w * h
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    rgb = image[:, :, ::-1].astype(np.float32) / 255.0
+    # Pillow filters each channel alike: resizing the BGR frame and flipping the (smaller) result
+    # gives the pixels of the RGB image's resize without copying the full frame first.
+    rgb = pil_resize(image, (new_w, new_h), "bilinear")[:, :, ::-1].astype(np.float32) / 255.0
     rgb = (rgb - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     return np.ascontiguousarray(rgb.transpose(2, 0, 1)), (new_w, new_h)
 

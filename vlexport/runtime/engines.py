@@ -224,6 +224,14 @@ def _default_axes(bundle: Bundle) -> dict[str, tuple[int, int, int]]:
         # images) and neither side exceeds `max_size`.
         short, longest = int(pre["short_side"]), int(pre["max_size"])
         axes["height"] = axes["width"] = (32, short, longest)
+    seg = bundle.manifest.get("segment")
+    if isinstance(seg, dict) and isinstance(seg.get("slide_crop"), int):
+        # SCLIP's windows are slide_crop square, smaller only on frames whose resized side is
+        # below the crop (long-side cap): optimise for the full crop, allow down to one patch.
+        crop = int(seg["slide_crop"])
+        axes["crop_height"] = axes["crop_width"] = (min(int(seg.get("patch_size", 1)), crop), crop, crop)
+        # The windows of one frame form the batch (6 for 336x448; the runtime runs more in chunks).
+        axes["crops"] = (1, 8, 32)
     return axes
 
 

@@ -19,6 +19,18 @@ def _shape(spec: dict) -> str:
     return "[" + ", ".join(str(d) for d in spec["shape"]) + "]"
 
 
+def _weights_state(record: dict) -> str:
+    """Where weights came from; bundles before weights_source only said trained / student_trained."""
+    source = record.get("weights_source")
+    if source is None:  # an older bundle
+        trained = record.get("trained", record.get("student_trained"))
+        return "pretrained" if trained else "UNTRAINED (random weights)"
+    if str(source).startswith("random"):
+        return f"UNTRAINED ({source})"
+    sha = record.get("checkpoint_sha256")
+    return str(source) + (f" sha256 {sha[:12]}…" if sha else "")
+
+
 def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
     """A few screens of text: identity, provenance, pre/post-processing, parts, parity, backend."""
     m = bundle.manifest
@@ -30,10 +42,11 @@ def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
         lines.append(f"exported   torch {prov.get('torch')}  onnx {prov.get('onnx')}  opset {prov.get('opset')}")
         te = prov.get("text_encoder")
         if te:
-            state = "pretrained" if te.get("trained") else "UNTRAINED (random weights)"
-            lines.append(f"text tower {te.get('model')} / {te.get('pretrained')}: {state}, sha256 {str(te.get('weights_sha256'))[:12]}…")
-        if "student_trained" in prov:
-            lines.append(f"student    {'checkpoint ' + str(prov.get('checkpoint')) if prov.get('student_trained') else 'UNTRAINED (no checkpoint)'}")
+            act = f", {te['activation']} ({te.get('activation_source', '?')})" if te.get("activation") else ""
+            lines.append(f"text tower {te.get('model')} / {te.get('pretrained')}: {_weights_state(te)}{act}, "
+                         f"sha256 {str(te.get('weights_sha256'))[:12]}…")
+        if "weights_source" in prov or "student_trained" in prov:
+            lines.append(f"weights    {_weights_state(prov)}")
     pre = m["preprocess"]
     lines.append(f"preprocess {_resize_rule(pre)}, {pre.get('color')}, "
                  f"scale {pre.get('scale'):.6g}, mean {pre.get('mean')}, std {pre.get('std')}")
@@ -63,6 +76,13 @@ def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
             figs = "; ".join(f"{o}: " + " ".join(f"{k} {v:.3g}" for k, v in vals.items() if k in ("max_abs", "cosine", "agreement"))
                              for o, vals in outs.items())
             lines.append(f"  {key:<24} {figs}")
+    for key, why in ((m.get("validation") or {}).get("refused") or {}).items():
+        lines.append(f"refused    {key}: {why}")
+    for name, info in (m.get("fp16") or {}).items():
+        if isinstance(info, dict) and "nodes" in info and "refused" not in info:
+            rounds = max(0, len(info.get("rounds") or []) - 1)
+            lines.append(f"fp16       {name}: {info.get('fp32_nodes')} of {info['nodes']} node(s) kept in FP32"
+                         + (f" ({rounds} round(s) of island search)" if rounds else ""))
     for w in m.get("warnings") or []:
         lines.append(f"warning    {w}")
     lines.append(f"files      {len(m['files'])} listed" + (", all sha256 verified" if verified else " (not verified)"))
@@ -83,7 +103,8 @@ def _resize_rule(pre: dict[str, Any]) -> str:
     if kind == "detr":
         return f"detr: short side {pre.get('short_side')}, long side at most {pre.get('max_size')}, no padding"
     if kind == "short_side":
-        return f"short side {pre.get('short_side')}"
+        cap = pre.get("max_long_side")
+        return f"short side {pre.get('short_side')}" + (f", long side at most {cap}" if cap is not None else "")
     if kind == "clip":
         return f"clip: short side {pre.get('size')} ({pre.get('interpolation')}), centre crop {pre.get('size')}"
     return f"{kind} to {pre.get('size')} pad {pre.get('pad_value')}"

@@ -15,7 +15,11 @@ import numpy as np
 
 from vlexport.errors import BundleError, UsageError
 
-__all__ = ["LetterboxInfo", "letterbox", "letterbox_params", "Preprocessor", "scale_boxes_to_source", "check_image"]
+__all__ = ["LetterboxInfo", "letterbox", "letterbox_params", "Preprocessor", "scale_boxes_to_source", "check_image",
+           "PIL_FILTERS", "pil_resize"]
+
+#: Pillow's resampling filters, by the names torchvision's ``InterpolationMode`` gives them.
+PIL_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,31 @@ def check_image(image: Any, what: str = "image") -> np.ndarray:
             f"{what}: expected an HxWx3 uint8 BGR array, got shape {tuple(image.shape)} dtype {image.dtype}"
         )
     return image
+
+
+def pil_resize(image: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """Resize an HxWx3 uint8 image to ``size`` ``(width, height)`` with Pillow's filter ``interpolation``.
+
+    This is what ``torchvision.transforms.functional.resize`` does to a PIL image, the resize of
+    DETR's and open_clip's reference pre-processing: ``Image.resize(size, filter)`` with no
+    ``reducing_gap``, whose filter support grows with the scale when shrinking (antialiased).
+    OpenCV's filters give other pixels (``INTER_LINEAR``/``INTER_CUBIC`` do not antialias,
+    ``INTER_AREA`` is a box filter). Pillow filters every channel alike, so the channel order does
+    not matter. The image comes back unchanged when it already has ``size``, else as a new
+    (read-only) array.
+    """
+    from PIL import Image
+
+    check_image(image)
+    if interpolation not in PIL_FILTERS:
+        raise UsageError(f"unknown interpolation {interpolation!r}; choose from {list(PIL_FILTERS)}")
+    w, h = int(size[0]), int(size[1])
+    if w < 1 or h < 1:
+        raise UsageError(f"resize size must be positive, got {w}x{h}")
+    if (w, h) == (image.shape[1], image.shape[0]):
+        return image
+    resample = getattr(Image.Resampling, interpolation.upper())
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), resample))
 
 
 def letterbox_params(

@@ -19,12 +19,15 @@ class Segmentation:
     """One frame's semantic segmentation.
 
     ``label_map`` is ``[H, W]`` int32 in the source frame's pixels; ``label_map[y, x]`` indexes
-    ``classes`` (so every value lies in ``0 .. len(classes) - 1``).
+    ``classes`` (so every value lies in ``0 .. len(classes) - 1``). ``probabilities``, when the
+    task was asked for them (``SegmentTask.segment(..., return_probabilities=True)``), is
+    ``float32 [len(classes), H, W]``: per-class probabilities at the same pixels; otherwise None.
     """
 
     label_map: np.ndarray
     classes: list[str]
     stamp: FrameStamp | None = None
+    probabilities: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.label_map)
@@ -43,6 +46,13 @@ class Segmentation:
         self.label_map = np.ascontiguousarray(arr, dtype=np.int32)
         if self.stamp is not None and not isinstance(self.stamp, FrameStamp):
             raise ValueError(f"stamp: got {type(self.stamp).__name__}, expected FrameStamp or None")
+        if self.probabilities is not None:
+            probs = np.asarray(self.probabilities)
+            want = (len(self.classes), *arr.shape)
+            if probs.shape != want or probs.dtype.kind != "f":
+                raise ValueError(f"probabilities: got {probs.dtype} {tuple(probs.shape)}, expected float {want} "
+                                 "(classes, H, W)")
+            self.probabilities = np.ascontiguousarray(probs, dtype=np.float32)
 
     @property
     def shape(self) -> tuple[int, int]:

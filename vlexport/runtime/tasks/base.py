@@ -26,7 +26,7 @@ _GPU_ORDER = ("int8", "fp16", "fp32")
 
 
 def choose_precision(available: Sequence[str], requested: str | None, accelerated: bool, where: str,
-                     int8_target: str = "tensorrt") -> str:
+                     int8_target: str = "tensorrt", refused: dict[str, str] | None = None) -> str:
     """The precision to load: ``requested`` if the bundle has it, else the fastest one for the device.
 
     On a CPU, INT8 comes first only when it was quantised for the CPU (``--int8-target cpu``):
@@ -37,6 +37,10 @@ def choose_precision(available: Sequence[str], requested: str | None, accelerate
         if requested not in PRECISIONS:
             raise UsageError(f"unknown precision {requested!r}; choose one of {list(PRECISIONS)}")
         if requested not in available:
+            why = (refused or {}).get(requested)
+            if why:
+                raise BundleError(f"{where} has no {requested} file: the export refused it ({why}); "
+                                  f"it has {list(available)}")
             raise BundleError(f"{where} has no {requested} file; it has {list(available)}")
         return requested
     order = _GPU_ORDER if accelerated else _CPU_ORDER
@@ -81,7 +85,8 @@ class PartTask:
         target = (self.bundle.manifest.get("calibration") or {}).get("target", "tensorrt")
         if target == "cpu" and self.backend_name == "tensorrt":
             available = [p for p in available if p != "int8"]  # uint8 Q/DQ is onnxruntime-only
-        self.precision = choose_precision(available, precision, has_accelerator(self.backend_name), where, target)
+        self.precision = choose_precision(available, precision, has_accelerator(self.backend_name), where, target,
+                                          refused=self.bundle.refused(self.part_name))
         self._setup_preprocessing(where)
         # On TensorRT this builds the engine on first use (progress line) and returns its path.
         self.backend: Backend

@@ -28,13 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 from vlexport.errors import BundleError, UsageError
 from vlexport.runtime.bundle import Bundle
 from vlexport.runtime.decoding import DecodeResult, beam_search, check_decode_options, decoder_feeds, greedy_decode
-from vlexport.runtime.preprocess import check_image
+from vlexport.runtime.preprocess import PIL_FILTERS, check_image, pil_resize
 from vlexport.runtime.results import Caption, FrameStamp
 from vlexport.runtime.tasks.base import IMAGE_INPUT, PartTask, choose_precision, now_ms
 from vlexport.runtime.tokenizer import GPT2Tokenizer
@@ -85,13 +84,16 @@ def clip_preprocess(
     *,
     scale: float = 1 / 255,
     rgb: bool = True,
+    interpolation: str = "bicubic",
 ) -> tuple[np.ndarray, CropInfo]:
     """CLIP's image transform on a BGR uint8 frame -> (``[1, 3, size, size]`` float32, :class:`CropInfo`).
 
-    Resize so the short side is ``size`` (OpenCV bicubic on uint8; the long side is
-    ``int(size * long / short)`` as torchvision computes it), centre-crop ``size x size`` (offsets
-    ``int(round((side - size) / 2))`` as torchvision's ``CenterCrop``), BGR -> RGB when ``rgb``,
-    then ``(x * scale - mean) / std`` per channel (mean/std in the model's colour order).
+    open_clip's ``Resize(size, interpolation=BICUBIC)`` + ``CenterCrop(size)`` on a PIL image:
+    resize so the short side is ``size`` with Pillow's ``interpolation`` filter (antialiased when
+    shrinking; the long side is ``int(size * long / short)`` as torchvision computes it),
+    centre-crop ``size x size`` (offsets ``int(round((side - size) / 2))`` as torchvision's
+    ``CenterCrop``), BGR -> RGB when ``rgb``, then ``(x * scale - mean) / std`` per channel
+    (mean/std in the model's colour order).
     """
     check_image(bgr)
     size = int(size)
@@ -106,7 +108,8 @@ def clip_preprocess(
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
-    img = bgr if (new_w, new_h) == (w, h) else cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
+    # Pillow filters each channel alike: the BGR frame's resize is the RGB image's, channels flipped.
+    img = pil_resize(bgr, (new_w, new_h), interpolation)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     crop = img[top : top + size, left : left + size]
     if rgb:
@@ -297,8 +300,9 @@ class CaptionTask(PartTask):
             raise BundleError(f"{where}: preprocess resize {pre.get('resize')!r} is not supported for caption "
                               "(expected 'clip')")
         interp = pre.get("interpolation", "bicubic")
-        if interp != "bicubic":
-            raise BundleError(f"{where}: preprocess interpolation {interp!r} is not supported (expected 'bicubic')")
+        if interp not in PIL_FILTERS:  # Pillow's filter of that name, as torchvision resizes a PIL image
+            raise BundleError(f"{where}: preprocess interpolation {interp!r} is not supported "
+                              f"(expected one of Pillow's filters {list(PIL_FILTERS)})")
         color = str(pre.get("color", "RGB")).upper()
         if color not in ("RGB", "BGR"):
             raise BundleError(f"{where}: preprocess color {color!r} is not supported (expected 'RGB' or 'BGR')")
@@ -315,7 +319,8 @@ class CaptionTask(PartTask):
             raise BundleError(f"{where}: preprocess mean/std/scale must be numbers with 1 or 3 values ({e})") from e
         if np.any(std == 0):
             raise BundleError(f"{where}: preprocess std must be non-zero, got {list(std)}")
-        self._pre = {"size": int(size), "mean": mean, "std": std, "scale": scale, "rgb": color == "RGB"}
+        self._pre = {"size": int(size), "mean": mean, "std": std, "scale": scale, "rgb": color == "RGB",
+                     "interpolation": interp}
 
     def _check_io(self, where: str) -> None:
         """The encoder: ``images [B, 3, S, S]`` in; ``prefix`` and all or none of the region outputs."""
@@ -356,7 +361,8 @@ class CaptionTask(PartTask):
         target = calibration.get("target", "tensorrt")
         if "decoder" in (calibration.get("weight_only") or {}):
             target = "cpu"  # 8-bit weights: the fastest decoder step on a CPU too (a step reads every weight)
-        self.decoder_precision: str = choose_precision(part.precisions, requested, accelerated, where, target)
+        self.decoder_precision: str = choose_precision(part.precisions, requested, accelerated, where, target,
+                                                       refused=self.bundle.refused("decoder"))
         self.decoder_path = self.bundle.verify(part.files[self.decoder_precision])
         self.decoder = OrtBackend(self.decoder_path, providers=providers, threads=threads)
         self._decoder_part = part
@@ -428,7 +434,8 @@ class CaptionTask(PartTask):
     def preprocess(self, bgr: np.ndarray) -> tuple[np.ndarray, CropInfo]:
         """One frame -> (``[1, 3, S, S]`` float32 encoder input, its :class:`CropInfo`)."""
         p = self._pre
-        return clip_preprocess(bgr, p["size"], p["mean"], p["std"], scale=p["scale"], rgb=p["rgb"])
+        return clip_preprocess(bgr, p["size"], p["mean"], p["std"], scale=p["scale"], rgb=p["rgb"],
+                               interpolation=p["interpolation"])
 
     def caption(self, bgr: np.ndarray, stamp: FrameStamp | None = None) -> Caption:
         """Caption one BGR uint8 frame."""

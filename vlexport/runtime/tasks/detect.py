@@ -51,6 +51,8 @@ class DetectTask(PartTask):
         bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         # Validate the cheap things before hashing and loading the model.
         post = _postprocess_settings(bundle.postprocess, overrides)
+        self._threads = threads
+        self._text_encoder: Any = None  # TextEncoder, loaded by the first set_vocabulary(names)
         super().__init__(bundle, precision=precision, backend=backend, threads=threads)
         self.settings: dict[str, Any] = post
         vocab = self.bundle.manifest.get("vocabulary") or {}
@@ -82,18 +84,46 @@ class DetectTask(PartTask):
             raise
 
     # -- vocabulary --------------------------------------------------------------------
-    def set_vocabulary(self, classes: Sequence[str], embeddings: np.ndarray) -> None:
+    def set_vocabulary(self, classes: Sequence[str], embeddings: np.ndarray | None = None) -> None:
         """Swap the class vocabulary (bundles exported with ``--vocab-mode input`` only).
 
         ``embeddings`` is ``[len(classes), D]`` text embeddings from the same text encoder as the
-        bundle's ``vocab.npz`` (L2-normalised, prompt templates averaged).
+        bundle's ``vocab.npz`` (L2-normalised, prompt templates averaged). Without it the names
+        are embedded here, without torch, by the bundle's ``text_encoder`` part (exported with
+        ``--with-text-encoder``) over the bundle's prompt templates, exactly as the export bakes
+        them, and cached on disk (see :class:`vlexport.runtime.text_encoder.TextEncoder`).
         """
         if self.vocab_mode != "input":
             raise UsageError(
                 f"{self.bundle.root}: this bundle has its vocabulary baked into the graph; "
                 "re-export it with --vocab-mode input to change classes at run time"
             )
+        if embeddings is None:
+            from vlexport.runtime.text_encoder import TextEncoder, check_class_names
+
+            names = check_class_names(classes)
+            if self._text_encoder is None:
+                self._text_encoder = TextEncoder(self.bundle, threads=self._threads)
+            embeddings = self._text_encoder.encode(names)
+            classes = names
         self._set_vocab(list(classes), embeddings, error=UsageError)
+
+    @property
+    def text_embeddings(self) -> np.ndarray | None:
+        """The ``float32 [len(classes), D]`` embeddings fed to the detector (None when they are baked in)."""
+        emb = self._extra.get(TEXT_INPUT)
+        return None if emb is None else emb.copy()
+
+    @property
+    def text_encoder(self) -> Any:
+        """The :class:`~vlexport.runtime.text_encoder.TextEncoder` of the last ``set_vocabulary(names)``, or None."""
+        return self._text_encoder
+
+    def close(self) -> None:
+        if self._text_encoder is not None:
+            self._text_encoder.close()
+            self._text_encoder = None
+        super().close()
 
     def _set_vocab(self, classes: list[str], embeddings: Any, error: type[Exception]) -> None:
         emb = np.asarray(embeddings)
