@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--clip-pretrained", default=None)
     ap.add_argument("--distill-regions", type=float, default=0.0)
     ap.add_argument("--work", type=Path, default=None, help="keep the splits, checkpoint and bundles here")
+    ap.add_argument("--reuse", action="store_true", help="reuse the YOLOv8n figures and the checkpoint found in --work")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kdeov_detection.json")
     args = ap.parse_args()
 
@@ -113,11 +114,14 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    vlexport("yolo", "--checkpoint", weights, "--arch", "yolov8n", "--out", work / "yolo", "--overwrite", "--fp16",
-             "--int8", "--calib", splits["calib"], "--calib-size", args.calib, "--int8-target", "cpu",
-             "--val", splits["train"])
+    reuse_yolo = args.reuse and (work / "yolo.json").is_file()
+    if not reuse_yolo:
+        vlexport("yolo", "--checkpoint", weights, "--arch", "yolov8n", "--out", work / "yolo", "--overwrite", "--fp16",
+                 "--int8", "--calib", splits["calib"], "--calib-size", args.calib, "--int8-target", "cpu",
+                 "--val", splits["train"])
     timings["export_yolo_s"] = time.perf_counter() - t
-    yolo = validate(work / "yolo", splits["eval"], work / "yolo.json")
+    yolo = (json.loads((work / "yolo.json").read_text())["metrics"] if reuse_yolo
+            else validate(work / "yolo", splits["eval"], work / "yolo.json"))
 
     train_classes = BASE48 if args.protocol == "ov" else None
     t = time.perf_counter()
@@ -128,7 +132,8 @@ def main() -> None:
         train += ["--lr", args.lr]
     if train_classes:
         train += ["--classes", ",".join(train_classes)]
-    vlexport(*train)
+    if not (args.reuse and (work / "student.pt").is_file()):
+        vlexport(*train)
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

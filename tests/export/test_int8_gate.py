@@ -98,3 +98,28 @@ def test_exclusion_plan_grows_heads_first_then_the_rest():
     with_decoding = exclusion_plan(heads, rest, decoding=["h7", "h6"])
     assert with_decoding[0] == ["h7", "h6"] and with_decoding[1] == ["h7", "h6"] + ["h0", "h1", "h2", "h3"][:2]
     assert set(with_decoding[2]) == set(heads) and with_decoding[3] == with_decoding[2] + rest[:2]
+
+
+def test_int8_the_gate_cannot_pass_is_refused_and_the_rest_written(tmp_path, assets):
+    """Like any lower precision that fails its check: FP32 is written, INT8 left out with the reason."""
+    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.yolo import YoloExportOptions, export_yolo
+
+    calib = assets / "coco128" / "images" / "train2017"
+    prec = PrecisionOptions(int8=True, calib=str(calib), calib_size=1, calib_method="minmax",
+                            val=str(assets / "coco128" / "data.yaml"), max_drop=0.0, max_gate_rounds=0)
+    report = export_yolo(YoloExportOptions(checkpoint=assets / "weights" / "yolov8n_coco.pt", trust_checkpoint=True,
+                                           imgsz=160, out=tmp_path / "b", precision=prec))
+    assert report.gate[0]["drop_points"] > 0  # one calibration image at 160 px: INT8 loses accuracy
+    m = json.loads((report.path / "manifest.json").read_text())
+    assert m["parts"]["detector"]["files"] == {"fp32": "detector.onnx"}
+    assert not (report.path / "detector.int8.onnx").exists()
+    assert "points of mAP50-95 below FP32" in m["validation"]["refused"]["detector/int8"]
+    assert m["validation"]["gate"]["rounds"] == report.gate and "int8" in m["validation"]["metrics"]
+    from vlexport.errors import ExportError
+
+    prec.strict = True
+    with pytest.raises(ExportError, match="below FP32"):
+        export_yolo(YoloExportOptions(checkpoint=assets / "weights" / "yolov8n_coco.pt", trust_checkpoint=True,
+                                      imgsz=160, out=tmp_path / "strict", precision=prec))
+    assert not (tmp_path / "strict").exists()

@@ -144,6 +144,15 @@ def decoding_nodes(fp32_path: Path, heads: list[str]) -> list[str]:
     return [h for h in heads if h in by_name and not conv_after(h)]
 
 
+class GateRefused(ExportError):
+    """The accuracy gate could not bring INT8 within ``--max-drop``; carries what it measured."""
+
+    def __init__(self, message: str, metrics: dict[str, dict[str, float]], rounds: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+        self.rounds = rounds
+
+
 def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: dict[str, dict[str, Any]],
                       calib) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Measure every precision on ``prec.val`` and re-quantise until INT8 is within ``prec.max_drop``.
@@ -204,19 +213,19 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
             break
         if r == prec.max_gate_rounds:
             table = "; ".join(f"round {x['round']}: {x['excluded_nodes']} kept, drop {x['drop_points']:.2f}" for x in rounds)
-            raise ExportError(
+            raise GateRefused(
                 f"INT8 stays {drop:.2f} points of mAP50-95 below FP32 ({m8.map50_95:.4f} vs {m32.map50_95:.4f}), over "
                 f"--max-drop {prec.max_drop}, after {r} rounds ({table}); raise --max-drop, try another "
-                "--calib-method or more --calib-size"
-            )
+                "--calib-method or more --calib-size", {**metrics, "int8": m8.to_dict()}, rounds)
         if plan_steps is None:
             order = sensitivity_order(fp32_path, int8_path, feeds[: min(8, len(feeds))], info.get("op_types"))
             heads = head_nodes(fp32_path, order)
             plan_steps = exclusion_plan(heads, [n for n in order if n not in set(heads)],
                                         decoding_nodes(fp32_path, heads))
         if r >= len(plan_steps):
-            raise ExportError(f"INT8 stays {drop:.2f} points below FP32 with every candidate node kept in "
-                              "higher precision; export without --int8 or raise --max-drop")
+            raise GateRefused(f"INT8 stays {drop:.2f} points below FP32 with every candidate node kept in "
+                              "higher precision; export without --int8 or raise --max-drop",
+                              {**metrics, "int8": m8.to_dict()}, rounds)
         excluded = plan_steps[r]
         q = quantize_int8(fp32_path, int8_path, feeds, method=prec.calib_method, exclude_nodes=excluded,
                           target=prec.int8_target)

@@ -310,10 +310,20 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
             if prec.val and not extra.get("int8"):
                 log.warning("no INT8 graph left to gate on --val %s", prec.val)
             elif prec.val and _is_labelled(prec.val):
-                from vlexport.calibration.gate import run_accuracy_gate
+                from vlexport.calibration.gate import GateRefused, run_accuracy_gate
 
-                metrics, gate_rounds = run_accuracy_gate(writer, manifest, plan, prec, extra["int8"], calib)
-                manifest["calibration"]["excluded_nodes"] = {k: v["excluded_nodes"] for k, v in extra["int8"].items()}
+                try:
+                    metrics, gate_rounds = run_accuracy_gate(writer, manifest, plan, prec, extra["int8"], calib)
+                except GateRefused as e:
+                    if prec.strict:
+                        raise
+                    # Like any lower precision that cannot pass: the others are written, INT8 is refused.
+                    metrics, gate_rounds = e.metrics, e.rounds
+                    key = f"{next(iter(extra['int8']))}/int8"
+                    drop(key, str(e))
+                    manifest["validation"]["refused"] = dict(refused)
+                    log.warning("%s refused, it is not in the bundle: %s; --strict makes this an error", key, e)
+                manifest["calibration"]["excluded_nodes"] = {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()}
                 manifest["validation"]["metrics"] = metrics
                 manifest["validation"]["gate"] = {"data": prec.val, "max_drop": prec.max_drop, "rounds": gate_rounds}
         path = writer.commit(manifest)
