@@ -374,7 +374,6 @@ def train_kdeov_detection(
         vocabulary = (extra or {}).get("vocabulary")
         if vocabulary:
             init_region_head_from_detector(model, text, vocabulary, samples, regions=options.freeze == "heads")
-    loss_fn = None
     strides = model.backbone.strides
     reg_max = getattr(model.backbone, "reg_max", 1)
     loss_fn = _ultralytics_loss(strides, text.shape[0], reg_max, device)

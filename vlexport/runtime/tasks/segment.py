@@ -365,20 +365,15 @@ def _settings(bundle: Bundle, overrides: dict[str, Any]) -> dict[str, Any]:
             settings[k] = _number(v, k)
     if settings["logit_scale"] <= 0:
         raise UsageError(f"logit_scale must be positive, got {settings['logit_scale']!r}")
-    if not 0.0 <= settings["prob_threshold"] <= 1.0:
-        raise UsageError(f"prob_threshold must be a number between 0 and 1, got {settings['prob_threshold']!r}")
-    if settings["prob_threshold"] > 0 and bg is None:
-        raise UsageError(
-            f"prob_threshold {settings['prob_threshold']} needs a background class, but this bundle has none "
-            "(segment.background_index is null); leave prob_threshold at 0"
-        )
-    if not 0.0 <= settings["area_threshold"] <= 1.0:
-        raise UsageError(f"area_threshold must be a number between 0 and 1, got {settings['area_threshold']!r}")
-    if settings["area_threshold"] > 0 and bg is None:
-        raise UsageError(
-            f"area_threshold {settings['area_threshold']} needs a background class, but this bundle has none "
-            "(segment.background_index is null); leave area_threshold at 0"
-        )
+    # Both thresholds send pixels or classes to the background class, so both need one.
+    for key in ("prob_threshold", "area_threshold"):
+        if not 0.0 <= settings[key] <= 1.0:
+            raise UsageError(f"{key} must be a number between 0 and 1, got {settings[key]!r}")
+        if settings[key] > 0 and bg is None:
+            raise UsageError(
+                f"{key} {settings[key]} needs a background class, but this bundle has none "
+                f"(segment.background_index is null); leave {key} at 0"
+            )
     return settings
 
 
