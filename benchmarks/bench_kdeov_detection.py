@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--templates", default="single")
     ap.add_argument("--clip-pretrained", default=None)
     ap.add_argument("--distill-regions", type=float, default=0.0)
+    ap.add_argument("--kdeov-max-drop", type=float, default=1.0,
+                    help="the KDEOV export's --max-drop (INT8 points of mAP50-95 allowed below FP32 on the gate's images)")
     ap.add_argument("--work", type=Path, default=None, help="keep the splits, checkpoint and bundles here")
     ap.add_argument("--reuse", action="store_true", help="reuse the YOLOv8n figures and the checkpoint found in --work")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kdeov_detection.json")
@@ -140,7 +142,8 @@ def main() -> None:
     vocab = [] if args.protocol == "closed" else ["--classes", ",".join(BASE48 + NOVEL17)]
     vlexport("kdeov", "--checkpoint", work / "student.pt", "--templates", args.templates, *clip, *vocab,
              "--out", work / "kdeov", "--overwrite", "--fp16", "--int8", "--calib", splits["calib"],
-             "--calib-size", args.calib, "--int8-target", "cpu", "--val", splits["train"])
+             "--calib-size", args.calib, "--int8-target", "cpu", "--val", splits["train"],
+             "--max-drop", args.kdeov_max_drop)
     timings["export_kdeov_s"] = time.perf_counter() - t
     kdeov = validate(work / "kdeov", splits["eval"], work / "kdeov.json")
 

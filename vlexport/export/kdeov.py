@@ -19,7 +19,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch, yolo_preprocess
-from vlexport.models.kdeov import folded_similarity
+from vlexport.models.kdeov import best_folded_similarity
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
 
@@ -66,8 +66,8 @@ class DetectorGraph(nn.Module):
     It computes exactly ``detect_raw`` followed by a max over classes, rearranged for
     inference (parity against ``detect_raw`` is checked at every export):
 
-    * per level, the similarities come from :func:`folded_similarity`, which never builds
-      the [B, 512, H, W] projected map;
+    * per level, the best class and its similarity come from :func:`best_folded_similarity`, which
+      never builds the [B, 512, H, W] projected map and costs one GEMM of width 81 per class;
     * scores are per-class sigmoids of ``s * cos + b`` with ``s > 0``: the best class is the
       largest cosine, and only its logit goes through the sigmoid.
     """
@@ -83,9 +83,10 @@ class DetectorGraph(nn.Module):
         emb = self.text_embeddings if self.baked else text_embeddings
         text = F.normalize(emb, dim=-1)  # [C, D], a constant when baked
         feats = m.backbone(images)
-        cosines = torch.cat([folded_similarity(f, p.conv, p.norm, text)
-                             for p, f in zip(m.spatial_projections, m.region_features(feats))], 2)  # [B, C, N]
-        top, class_ids = cosines.max(dim=1)
+        best = [best_folded_similarity(f, p.conv, p.norm, text, m.region_norm_floor)
+                for p, f in zip(m.spatial_projections, m.region_features(feats))]
+        top = torch.cat([b[0] for b in best], 1)  # [B, N]
+        class_ids = torch.cat([b[1] for b in best], 1)
         scores = torch.sigmoid(m.region_logit_scale.exp() * top + m.region_bias)
         return m._boxes(feats), scores, class_ids.to(torch.int32)
 
@@ -252,9 +253,12 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
         postprocess={"score_threshold": opts.score_threshold, "iou_threshold": opts.iou_threshold,
                      "max_detections": opts.max_detections, "class_agnostic": False,
                      # Each class scored on its own (the graph already outputs these scores).
-                     "scoring": {"kind": "sigmoid", "formula": "sigmoid(exp(logit_scale) * cos(region, text) + bias)",
-                                 "logit_scale": float(model.region_logit_scale.exp()),
-                                 "bias": float(model.region_bias)}},
+                     "scoring": {"kind": "sigmoid",
+                                 "formula": "sigmoid(logit_scale * dot(region, text) / sqrt(|region|^2 + norm_floor^2)"
+                                            " + bias), unit text",
+                                 "logit_scale": float(model.region_logit_scale.detach().exp()),
+                                 "bias": float(model.region_bias.detach()),
+                                 "norm_floor": float(model.region_norm_floor)}},
         vocabulary={"classes": classes, "templates": templates_id, "num_templates": len(templates),
                     "mode": opts.vocab_mode, "embed_dim": int(text_embeddings.shape[1]), **vocab_extra},
         vocab_arrays=(classes, text_embeddings),

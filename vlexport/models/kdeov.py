@@ -46,6 +46,9 @@ __all__ = [
     "SpatialProjection",
     "CrossModalFusionModule",
     "folded_similarity",
+    "folded_projection",
+    "best_folded_similarity",
+    "soft_normalize",
     "KDEOVConfig",
     "KDEOV_PRESETS",
     "KDEOVModel",
@@ -152,16 +155,21 @@ class CrossModalFusionModule(nn.Module):
         return f"mode={self.mode!r}"
 
 
-def folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text: torch.Tensor) -> torch.Tensor:
-    """``text @ normalize(GroupNorm(conv(x)))`` per location, without computing the D-channel map.
+def soft_normalize(x: torch.Tensor, floor: torch.Tensor | float, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    """``x / sqrt(|x|² + floor²)`` along ``dim``: :func:`F.normalize` when ``floor`` is zero."""
+    sq = (x * x).sum(dim, keepdim=True) + floor * floor
+    return x / sq.sqrt().clamp_min(eps)
 
-    ``x`` [B, Cin, H, W] feeds a 1x1 ``conv`` (Cin → D) and a ``GroupNorm``; ``text`` is [C, D].
-    GroupNorm's statistics are linear/quadratic in ``x``: from the spatial mean x̄ and second
-    moment S = X Xᵀ / HW (the statistics derived in float64, so E[y²] − E[y]² does not cancel badly) we get
-    per-sample scales ``a`` and shifts ``b`` with ``GN(conv(x)) = W' x + c`` where
-    ``W' = a ⊙ W`` and ``c = a ⊙ bias + b``. Then the similarities are ``(T W') x + T c`` and the
-    squared norms the quadratic form ``xᵀ W'ᵀW' x + 2 cᵀW' x + |c|²``: GEMMs of width Cin
-    (64 for YOLOv8n's P3) instead of D (512). Returns [B, C, HW].
+
+def folded_projection(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``GroupNorm(conv(x))`` as a per-sample affine map of ``x``: ``(x_flat, W', c)``.
+
+    ``x`` [B, Cin, H, W] feeds a 1x1 ``conv`` (Cin → D) and a ``GroupNorm``. GroupNorm's
+    statistics are linear/quadratic in ``x``: from the spatial mean x̄ and second moment
+    S = X Xᵀ / HW (the statistics derived in float64, so E[y²] − E[y]² does not cancel badly) we
+    get per-sample scales ``a`` and shifts ``b`` with ``GN(conv(x)) = W' x + c`` where
+    ``W' = a ⊙ W`` [B, D, Cin] and ``c = a ⊙ bias + b`` [B, D]; ``x_flat`` is [B, Cin, HW].
     """
     b, cin = x.shape[0], x.shape[1]
     d, groups = conv.out_channels, norm.num_groups
@@ -186,13 +194,50 @@ def folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text
     a = gamma * scale  # GN(y)_c = a_c y_c + (gamma_c shift_c + beta_c)
     w_eff = (a.unsqueeze(-1) * w64).to(x.dtype)  # [B, D, Cin]
     c_eff = (a * bias64 + gamma * shift + beta).to(x.dtype)  # [B, D]
-    sim = torch.matmul(torch.matmul(text, w_eff), xf) + torch.matmul(c_eff, text.t()).unsqueeze(-1)  # [B, C, HW]
+    return xf, w_eff, c_eff
+
+
+def _folded_norm(xf: torch.Tensor, w_eff: torch.Tensor, c_eff: torch.Tensor, floor: torch.Tensor | float
+                 ) -> torch.Tensor:
+    """``sqrt(|W' x + c|² + floor²)`` per location [B, 1, HW], as the quadratic form in ``x``."""
     q = torch.matmul(w_eff.transpose(1, 2), w_eff)  # [B, Cin, Cin]
     lin = 2.0 * torch.matmul(c_eff.unsqueeze(1), w_eff)  # [B, 1, Cin]
     qx = torch.matmul(q, xf)  # [B, Cin, HW]
     sq_norm = (torch.matmul(torch.ones_like(lin), qx * xf) + torch.matmul(lin, xf)
                + (c_eff * c_eff).sum(-1, keepdim=True).unsqueeze(-1))  # [B, 1, HW]
-    return sim / sq_norm.clamp_min(0).sqrt().clamp_min(1e-12)
+    return (sq_norm.clamp_min(0) + floor * floor).sqrt().clamp_min(1e-12)
+
+
+def folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text: torch.Tensor,
+                      floor: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``text @ soft_normalize(GroupNorm(conv(x)), floor)`` per location, without the D-channel map.
+
+    With :func:`folded_projection`'s ``GN(conv(x)) = W' x + c`` the similarities are
+    ``(T W') x + T c`` and the squared norms the quadratic form ``xᵀ W'ᵀW' x + 2 cᵀW' x + |c|²``:
+    GEMMs of width Cin (80 for YOLOv8n's class branch) instead of D (512). ``text`` is [C, D]
+    (unit rows); returns [B, C, HW].
+    """
+    xf, w_eff, c_eff = folded_projection(x, conv, norm)
+    sim = torch.matmul(torch.matmul(text, w_eff), xf) + torch.matmul(c_eff, text.t()).unsqueeze(-1)  # [B, C, HW]
+    return sim / _folded_norm(xf, w_eff, c_eff, floor)
+
+
+def best_folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text: torch.Tensor,
+                           floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest of :func:`folded_similarity` over the classes, and its class: ``([B, HW], [B, HW])``.
+
+    Arranged for inference with large vocabularies: the denominator does not depend on the class,
+    so the maximum is taken on the numerators; ``T c`` rides in the GEMM as one more input row of
+    ones; and the GEMM writes [HW, C], so the maximum runs along contiguous memory (onnxruntime's
+    reductions over a strided axis cost several times more). One TopK gives value and index.
+    """
+    xf, w_eff, c_eff = folded_projection(x, conv, norm)
+    # The Concat also keeps onnxruntime from fusing the transpose into a slower transposed GEMM.
+    rows = torch.cat([xf.transpose(1, 2), torch.ones_like(xf[:, :1]).transpose(1, 2)], 2)  # [B, HW, Cin+1]
+    classes = torch.cat([torch.matmul(w_eff.transpose(1, 2), text.t()),
+                         torch.matmul(c_eff, text.t()).unsqueeze(1)], 1)  # [B, Cin+1, C]
+    top, idx = torch.matmul(rows, classes).topk(1, dim=2)  # [B, HW, 1]
+    return top[..., 0] / _folded_norm(xf, w_eff, c_eff, floor)[:, 0], idx[..., 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +368,10 @@ class KDEOVModel(nn.Module):
         # Per-class detection logits: region_logit_scale.exp() * cos + region_bias, then a sigmoid.
         self.region_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.region_bias = nn.Parameter(torch.tensor(REGION_BIAS_INIT))
+        # The cosine's norm is floored: e / sqrt(|e|^2 + floor^2). Zero is the plain cosine; the
+        # detector initialisation sets it so that the norm is nearly constant (an affine cosine)
+        # without adding a constant direction to e that unseen class texts would score against.
+        self.register_buffer("region_norm_floor", torch.tensor(0.0))
         self.fusion = CrossModalFusionModule(d, config.fusion_heads, config.fusion)
         self.text_encoder: nn.Module | None = None
         if text_encoder is not None:
@@ -392,16 +441,27 @@ class KDEOVModel(nn.Module):
             return feats
         return [branch(f) for branch, f in zip(self._class_branches(), feats)]
 
-    def _spatial(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _projected(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         regions = self.region_features(feats)
-        return [F.normalize(proj(f), dim=1) for proj, f in zip(self.spatial_projections, regions)]
+        return [proj(f) for proj, f in zip(self.spatial_projections, regions)]
+
+    def _spatial(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [F.normalize(p, dim=1) for p in self._projected(feats)]
+
+    def scoring_embeddings(self, projected: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Projected region features → the vectors detection scores against unit texts.
+
+        ``e / sqrt(|e|² + floor²)`` with ``floor = region_norm_floor`` (the plain L2
+        normalisation when it is zero).
+        """
+        return soft_normalize(projected, self.region_norm_floor, dim=dim)
 
     def get_spatial_embeddings(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-level region embeddings ``[B, D, H_l, W_l]`` (strides 8, 16, 32), L2-normalised along D."""
         return self._spatial(self.backbone(images))
 
     def region_logits(self, embeddings: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """Unit region embeddings ``[..., D]`` x text ``[C, D]`` -> per-class logits ``[..., C]``."""
+        """Scoring embeddings ``[..., D]`` (:meth:`scoring_embeddings`) x text ``[C, D]`` -> per-class logits ``[..., C]``."""
         text = F.normalize(text_features, dim=-1)
         return self.region_logit_scale.exp() * embeddings @ text.t() + self.region_bias
 
@@ -431,21 +491,21 @@ class KDEOVModel(nn.Module):
         return self.grid_boxes(feats).unsqueeze(0).expand(feats[0].shape[0], -1, -1)
 
     def _detect_from_feats(
-        self, feats: list[torch.Tensor], spatial: list[torch.Tensor], text_features: torch.Tensor
+        self, feats: list[torch.Tensor], projected: list[torch.Tensor], text_features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # [B, N, D]: levels P3, P4, P5, each row-major, the same order as the boxes.
-        emb = torch.cat([s.flatten(2) for s in spatial], 2).transpose(1, 2)
+        emb = torch.cat([self.scoring_embeddings(p).flatten(2) for p in projected], 2).transpose(1, 2)
         return self._boxes(feats), self.region_logits(emb, text_features).sigmoid()
 
     def detect_raw(self, images: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense predictions: boxes ``[B, N, 4]`` (xyxy, input pixels) and class scores ``[B, N, C]``.
 
-        Each class is scored on its own: ``sigmoid(exp(region_logit_scale) · cos(e_n, t_c) +
-        region_bias)``. The graph has no data-dependent control flow, so it traces to ONNX with a
+        Each class is scored on its own: ``sigmoid(exp(region_logit_scale) · t_c · e_n /
+        sqrt(|e_n|² + region_norm_floor²) + region_bias)`` (the cosine when the floor is zero). The graph has no data-dependent control flow, so it traces to ONNX with a
         dynamic batch.
         """
         feats = self.backbone(images)
-        return self._detect_from_feats(feats, self._spatial(feats), text_features)
+        return self._detect_from_feats(feats, self._projected(feats), text_features)
 
     @torch.no_grad()
     def open_vocabulary_detect(
@@ -501,7 +561,8 @@ class KDEOVModel(nn.Module):
             raise UsageError("pass either text_features or texts, not both")
         feats = self.backbone(images)
         visual = self.projection(feats[-1])
-        spatial = self._spatial(feats)
+        projected = self._projected(feats)
+        spatial = [F.normalize(p, dim=1) for p in projected]
         text = None
         if texts is not None:
             text = self.encode_text(texts)
@@ -518,7 +579,7 @@ class KDEOVModel(nn.Module):
         if text is not None:
             out["logits"] = self.logit_scale.exp() * visual @ text.t()
             out["fused_map"] = self.fusion(spatial[-1], text)
-            out["predictions"] = self._detect_from_feats(feats, spatial, text)[1]
+            out["predictions"] = self._detect_from_feats(feats, projected, text)[1]
         return out
 
     # -- weights ------------------------------------------------------------------------------
@@ -538,6 +599,8 @@ class KDEOVModel(nn.Module):
         self.backbone.adapt_to_state_dict(
             {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         )
+        if "region_norm_floor" not in state_dict:  # written before the floor existed: a plain cosine
+            state_dict = {**state_dict, "region_norm_floor": torch.tensor(0.0)}
         student = _StudentView(self)
         check_state_dict(student, state_dict, source=source)
 
@@ -552,6 +615,8 @@ class _StudentView(nn.Module):
                 self.add_module(name, child)
         for name, param in model.named_parameters(recurse=False):  # logit scales, region bias
             self.register_parameter(name, param)
+        for name, buf in model.named_buffers(recurse=False):  # the region norm floor
+            self.register_buffer(name, buf)
 
 
 # --------------------------------------------------------------------------------------------

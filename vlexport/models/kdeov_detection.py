@@ -51,10 +51,13 @@ __all__ = ["DetectionTrainOptions", "DetectionSample", "prepare_samples", "train
 
 logger = logging.getLogger(__name__)
 
-#: Largest region logit scale: the detector-initialised head needs ~1e3 (its cosines are compressed).
+#: Largest region logit scale: the detector-initialised head needs ~1e3 (its cosines are compressed,
+#: by the norm floor: the bound grows with it).
 REGION_MAX_LOGIT_SCALE = 2000.0
-# Detector-classifier initialisation: norm of the constant component, and the logit it centres on.
-_INIT_CONSTANT_NORM = 1000.0
+# Detector-classifier initialisation: the norm floor (relative to the largest projected norm seen,
+# and at least the absolute value), and the logit it centres on.
+_INIT_NORM_FLOOR = 1000.0
+_INIT_FLOOR_MARGIN = 10.0
 _INIT_LOGIT_OFFSET = -8.0
 #: What stays fixed while the detection path trains.
 FREEZE_MODES = ("heads", "backbone", "none")
@@ -309,10 +312,13 @@ def _head_outputs(model: KDEOVModel, feats: list[torch.Tensor], text: torch.Tens
     """
     regional = feats if regions else model.region_features(feats)
     if embeddings:
-        spatial = [F.normalize(proj(f), dim=1) for proj, f in zip(model.spatial_projections, regional)]
-        emb = torch.cat([s.flatten(2) for s in spatial], 2).transpose(1, 2)
-        return model.region_logits(emb, text).transpose(1, 2), emb
-    cos = torch.cat([folded_similarity(f, p.conv, p.norm, text) for p, f in zip(model.spatial_projections, regional)], 2)
+        projected = [proj(f).flatten(2) for proj, f in zip(model.spatial_projections, regional)]
+        projected = torch.cat(projected, 2).transpose(1, 2)  # [B, N, D]
+        logits = model.region_logits(model.scoring_embeddings(projected, dim=-1), text).transpose(1, 2)
+        return logits, F.normalize(projected, dim=-1)
+    floor = model.region_norm_floor
+    cos = torch.cat([folded_similarity(f, p.conv, p.norm, text, floor)
+                     for p, f in zip(model.spatial_projections, regional)], 2)
     return model.region_logit_scale.exp() * cos + model.region_bias, None
 
 
@@ -385,10 +391,10 @@ def train_kdeov_detection(
         if start >= options.steps:
             raise UsageError(f"the checkpoint already ran {start} steps; ask for more than {start} with --steps")
     # Cosine decay to a tenth, so the last steps settle instead of jumping around.
+    # A resumed run starts the schedule where it stopped (step k of the scheduler is step start + k).
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(k, options.steps) / options.steps)))
-    for _ in range(start):
-        schedule.step()
+        optimizer,
+        lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(k + start, options.steps) / options.steps)))
     history: list[dict[str, float]] = []
     order: list[int] = []
     bar = tqdm(total=options.steps, initial=start, desc="train detection", unit="step", disable=not progress)
@@ -431,7 +437,7 @@ def train_kdeov_detection(
             optimizer.step()
             schedule.step()
             with torch.no_grad():
-                model.region_logit_scale.clamp_(0.0, math.log(REGION_MAX_LOGIT_SCALE))
+                model.region_logit_scale.clamp_(0.0, math.log(max_region_logit_scale(model)))
             figures["loss"] = float(loss.detach())
             history.append(figures)
             bar.update(1)
@@ -444,6 +450,11 @@ def train_kdeov_detection(
         model.eval()
     _save(model, out, extra, optimizer, options.steps, options, history)
     return history
+
+
+def max_region_logit_scale(model: KDEOVModel) -> float:
+    """The bound on ``exp(region_logit_scale)``: cosines under a norm floor ν are ~1/ν, so it scales with ν."""
+    return max(REGION_MAX_LOGIT_SCALE, 2.0 * float(model.region_norm_floor))
 
 
 @torch.no_grad()
@@ -460,9 +471,11 @@ def init_region_head_from_detector(
 
     For the training classes the detector knows (by name), its final 1x1 classifier ``z = W f + c``
     is mapped into the text space with the pseudo-inverse of their text embeddings ``T``: the
-    projection becomes ``e = alpha * n + T⁺ (W f + c - m)`` with ``n`` a unit direction orthogonal
-    to every training text (so ``T e = z - m`` exactly) and ``alpha`` large enough that ``|e|`` is
-    almost constant, which makes the cosine an affine function of the detector's logit. Its
+    projection becomes ``e = T⁺ (W f + c - m)`` (so ``T e = z - m`` exactly), and the norm
+    floor ``ν`` of :meth:`KDEOVModel.scoring_embeddings` is set far above ``|e|``, so that
+    ``t·e / sqrt(|e|² + ν²)`` is an affine function of the detector's logit. (A constant direction
+    added to ``e`` would steady the norm as well, but every text not orthogonal to it, as unseen
+    class names are, would then score at every location.) Its
     GroupNorm starts by undoing the statistics measured on the training images, and the logit
     scale and bias are a weighted least-squares fit of the detector's logits on the resulting
     cosines. Classes the detector does not know (the novel classes of an open-vocabulary split)
@@ -481,18 +494,14 @@ def init_region_head_from_detector(
     device = text.device
     t = F.normalize(text[voc_idx].double(), dim=-1)
     t_pinv = torch.linalg.pinv(t)  # [D, K]
-    # A unit direction orthogonal to every training text: the last column of a QR completion.
-    basis, _ = torch.linalg.qr(torch.cat([t.T, torch.randn(t.shape[1], 1, dtype=t.dtype,
-                                                           generator=torch.Generator().manual_seed(0))], 1))
-    constant = basis[:, -1] * _INIT_CONSTANT_NORM
     subset = list(samples[:max_samples])
-    cos_all, z_all = [], []
+    logits, projected = [], []
     for level, proj in enumerate(model.spatial_projections):
         classifier = backbone.detect.cv3[level][-1]
         w = classifier.weight[src_idx, :, 0, 0].double()
         c = classifier.bias[src_idx].double() - _INIT_LOGIT_OFFSET
         proj.conv.weight.copy_((t_pinv @ w).to(proj.conv.weight)[:, :, None, None])
-        proj.conv.bias.copy_((t_pinv @ c + constant).to(proj.conv.bias))
+        proj.conv.bias.copy_((t_pinv @ c).to(proj.conv.bias))
         feats = _level_regions(model, subset, level, regions, device)  # [S, C3, H, W]
         y = proj.conv(feats)
         groups = proj.norm.num_groups
@@ -501,19 +510,24 @@ def init_region_head_from_detector(
         std = (g.var(-1, unbiased=False) + proj.norm.eps).sqrt().mean(0)
         proj.norm.weight.copy_(std.repeat_interleave(y.shape[1] // groups))
         proj.norm.bias.copy_(mean.repeat_interleave(y.shape[1] // groups))
-        emb = F.normalize(proj(feats), dim=1).flatten(2)  # [S, D, HW]
-        cos_all.append(torch.einsum("kd,sdn->skn", F.normalize(text[voc_idx], dim=-1), emb).flatten())
-        z_all.append(classifier(feats)[:, src_idx].flatten())
-    cos, z = torch.cat(cos_all).double(), torch.cat(z_all).double()
+        projected.append(proj(feats).flatten(2))  # [S, D, HW]
+        logits.append(classifier(feats)[:, src_idx].flatten())
+    largest = float(max(p.norm(dim=1).max() for p in projected))
+    floor = max(_INIT_NORM_FLOOR, _INIT_FLOOR_MARGIN * largest)
+    model.region_norm_floor.fill_(floor)
+    unit_text = F.normalize(text[voc_idx], dim=-1)
+    cos = torch.cat([torch.einsum("kd,sdn->skn", unit_text, model.scoring_embeddings(p)).flatten()
+                     for p in projected]).double()
+    z = torch.cat(logits).double()
     weight = torch.sigmoid(z) + 0.01  # the positives decide the ranking: weigh them in
     a = torch.stack([cos, torch.ones_like(cos)], 1) * weight.sqrt()[:, None]
     scale, bias = torch.linalg.lstsq(a, z * weight.sqrt()).solution.tolist()
-    scale = min(max(scale, 1.0), REGION_MAX_LOGIT_SCALE)
+    scale = min(max(scale, 1.0), max_region_logit_scale(model))
     model.region_logit_scale.fill_(math.log(scale))
     model.region_bias.fill_(bias)
     used = [vocabulary[k] for k, _ in known]
-    logger.info("region head initialised from the detector's classifier on %d class(es): scale %.1f, bias %.2f",
-                len(used), scale, bias)
+    logger.info("region head initialised from the detector's classifier on %d class(es): scale %.1f, bias %.2f, "
+                "norm floor %.1f (largest projected norm %.1f)", len(used), scale, bias, floor, largest)
     return used
 
 
