@@ -58,6 +58,8 @@ REGION_MAX_LOGIT_SCALE = 2000.0
 # and at least the absolute value), and the logit it centres on.
 _INIT_NORM_FLOOR = 1000.0
 _INIT_FLOOR_MARGIN = 10.0
+# ... and the size of the GroupNorm-steadying pattern, relative to the projected features' spread.
+_INIT_STABILISER = 1000.0
 _INIT_LOGIT_OFFSET = -8.0
 #: What stays fixed while the detection path trains.
 FREEZE_MODES = ("heads", "backbone", "none")
@@ -475,8 +477,9 @@ def init_region_head_from_detector(
     floor ``ν`` of :meth:`KDEOVModel.scoring_embeddings` is set far above ``|e|``, so that
     ``t·e / sqrt(|e|² + ν²)`` is an affine function of the detector's logit. (A constant direction
     added to ``e`` would steady the norm as well, but every text not orthogonal to it, as unseen
-    class names are, would then score at every location.) Its
-    GroupNorm starts by undoing the statistics measured on the training images, and the logit
+    class names are, would then score at every location.) Its GroupNorm is steadied by a large
+    zero-mean pattern in the conv bias (so it divides every image by the same spread) and starts by
+    undoing the statistics measured on the training images, pattern included; the logit
     scale and bias are a weighted least-squares fit of the detector's logits on the resulting
     cosines. Classes the detector does not know (the novel classes of an open-vocabulary split)
     get nothing from it: train those with region distillation and pretrained CLIP. Returns the
@@ -503,13 +506,22 @@ def init_region_head_from_detector(
         proj.conv.weight.copy_((t_pinv @ w).to(proj.conv.weight)[:, :, None, None])
         proj.conv.bias.copy_((t_pinv @ c).to(proj.conv.bias))
         feats = _level_regions(model, subset, level, regions, device)  # [S, C3, H, W]
+        groups, dim = proj.norm.num_groups, proj.conv.out_channels
+        # GroupNorm divides by each image's own spread, which would rescale the detector's logits
+        # image by image. A large per-channel pattern (zero mean in every group) added to the conv
+        # bias dominates that spread, so the division is the same for every image; GroupNorm's
+        # bias takes the pattern out again, so the embedding carries no constant direction.
+        spread = float(proj.conv(feats).std())
+        pattern = torch.randn(groups, dim // groups, generator=torch.Generator().manual_seed(level), dtype=torch.float64)
+        pattern = pattern - pattern.mean(1, keepdim=True)
+        pattern = (pattern / pattern.pow(2).mean(1, keepdim=True).sqrt()).flatten() * _INIT_STABILISER * spread
+        proj.conv.bias.add_(pattern.to(proj.conv.bias))
         y = proj.conv(feats)
-        groups = proj.norm.num_groups
         g = y.reshape(y.shape[0], groups, -1)
         mean = g.mean(-1).mean(0)  # per group, averaged over images
         std = (g.var(-1, unbiased=False) + proj.norm.eps).sqrt().mean(0)
-        proj.norm.weight.copy_(std.repeat_interleave(y.shape[1] // groups))
-        proj.norm.bias.copy_(mean.repeat_interleave(y.shape[1] // groups))
+        proj.norm.weight.copy_(std.repeat_interleave(dim // groups))
+        proj.norm.bias.copy_(mean.repeat_interleave(dim // groups) - pattern.to(proj.norm.bias))
         projected.append(proj(feats).flatten(2))  # [S, D, HW]
         logits.append(classifier(feats)[:, src_idx].flatten())
     largest = float(max(p.norm(dim=1).max() for p in projected))
