@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--templates", default="single")
     ap.add_argument("--clip-pretrained", default=None)
     ap.add_argument("--distill-regions", type=float, default=0.0)
+    ap.add_argument("--no-int8", action="store_true", help="FP32 and FP16 only (the open-vocabulary figures need no INT8)")
     ap.add_argument("--kdeov-max-drop", type=float, default=1.0,
                     help="the KDEOV export's --max-drop (INT8 points of mAP50-95 allowed below FP32 on the gate's images)")
     ap.add_argument("--work", type=Path, default=None, help="keep the splits, checkpoint and bundles here")
@@ -140,10 +141,10 @@ def main() -> None:
 
     t = time.perf_counter()
     vocab = [] if args.protocol == "closed" else ["--classes", ",".join(BASE48 + NOVEL17)]
+    int8 = [] if args.no_int8 else ["--int8", "--calib", splits["calib"], "--calib-size", args.calib,
+                                    "--int8-target", "cpu", "--max-drop", args.kdeov_max_drop]
     vlexport("kdeov", "--checkpoint", work / "student.pt", "--templates", args.templates, *clip, *vocab,
-             "--out", work / "kdeov", "--overwrite", "--fp16", "--int8", "--calib", splits["calib"],
-             "--calib-size", args.calib, "--int8-target", "cpu", "--val", splits["train"],
-             "--max-drop", args.kdeov_max_drop)
+             "--out", work / "kdeov", "--overwrite", "--fp16", *int8, "--val", splits["train"])
     timings["export_kdeov_s"] = time.perf_counter() - t
     kdeov = validate(work / "kdeov", splits["eval"], work / "kdeov.json")
 
