@@ -36,7 +36,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def yolo_table(assets: Path, tmp: Path, calib_size: int, max_drop: float) -> dict:
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
     from vlexport.export.yolo import YoloExportOptions, export_yolo
 
     t = time.perf_counter()
@@ -57,10 +57,10 @@ def yolo_table(assets: Path, tmp: Path, calib_size: int, max_drop: float) -> dic
 def kdeov_table(assets: Path, tmp: Path, calib_size: int, eval_images: int) -> dict:
     import cv2
 
-    from vlexport.calibration.datasets import load_detection_dataset
-    from vlexport.calibration.readers import calibration_frames
+    from vlexport.data.detection import load_detection_dataset
+    from vlexport.data.readers import calibration_frames
     from vlexport.export.kdeov import KDEOVExportOptions, export_kdeov
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
     from vlexport.runtime import load
 
     calib_dir = assets / "coco128" / "images" / "train2017"

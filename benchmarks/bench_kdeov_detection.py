@@ -76,8 +76,8 @@ def validate(bundle: Path, data: Path, json_out: Path) -> dict:
 def subset_ap50(bundle: Path, data: Path, names: tuple[str, ...]) -> dict:
     """AP50 over the given classes only, the detector predicting all of its classes (FP32)."""
     from vlexport import runtime
-    from vlexport.calibration.datasets import load_detection_dataset
-    from vlexport.calibration.evaluate import evaluate_detector
+    from vlexport.data.detection import load_detection_dataset
+    from vlexport.evaluation.detection import evaluate_detector
 
     task = runtime.load(bundle, precision="fp32", threads=2, score_threshold=0.001, max_detections=300)
     try:

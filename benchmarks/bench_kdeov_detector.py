@@ -37,7 +37,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from vlexport.export.kdeov import KDEOVExportOptions, build_plan
-    from vlexport.export.pipeline import write_bundle
+    from vlexport.export.bundle_export import write_bundle
     from vlexport.runtime import load
     from vlexport.runtime.preprocess import Preprocessor
 

@@ -29,7 +29,7 @@ def _model_with_real_bn_stats(preset: str, fusion: str, images, seed: int = 0):
     """A preset's segmenter (random weights) whose BatchNorm statistics come from ``images``."""
     import torch
 
-    from vlexport.models.multiscale import build_multiscale
+    from vlexport.models.multiscale.model import build_multiscale
 
     torch.manual_seed(seed)
     model = build_multiscale(preset, fusion)
@@ -50,8 +50,8 @@ def bench_preset(preset: str, args, tmp: Path, assets: Path) -> dict:
     import torch
 
     from vlexport.export.multiscale import MultiScaleExportOptions, export_multiscale, multiscale_preprocess
-    from vlexport.export.pipeline import PrecisionOptions
-    from vlexport.models.multiscale import MULTISCALE_PRESETS
+    from vlexport.export.bundle_export import PrecisionOptions
+    from vlexport.models.multiscale.model import MULTISCALE_PRESETS
     from vlexport.runtime import load
     from vlexport.runtime.preprocess import Preprocessor
 

@@ -27,7 +27,7 @@ ASSETS = Path(os.environ.get("VLEXPORT_ASSETS", Path(__file__).resolve().parents
 def sequential(task, video: Path, out: Path, frames: int) -> float:
     from vlexport.runtime.draw import draw_detections
     from vlexport.runtime.sources import open_source
-    from vlexport.runtime.video import JsonlSink, VideoSink
+    from vlexport.runtime.sinks import JsonlSink, VideoSink
 
     src = open_source(str(video))
     n = 0
@@ -45,7 +45,7 @@ def sequential(task, video: Path, out: Path, frames: int) -> float:
 
 
 def threaded(task, video: Path, out: Path, frames: int) -> float:
-    from vlexport.runtime.video import run_on_source
+    from vlexport.runtime.sinks import run_on_source
 
     stats = run_on_source(task, str(video), save=out / "thr.mp4", jsonl=out / "thr.jsonl", progress=False,
                           max_frames=frames)

@@ -31,7 +31,7 @@ ASSETS = Path(os.environ.get("VLEXPORT_ASSETS", Path(__file__).resolve().parents
 
 
 def _export_bundle(tmp: Path, weights: Path) -> Path:
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
     from vlexport.export.yolo import YoloExportOptions, export_yolo
 
     print("exporting the YOLOv8n bundle (FP32 + FP16 + INT8 for the CPU) …")

@@ -19,7 +19,7 @@ from _common import interleaved_latency, machine_info, print_table, write_json  
 
 
 def export_yolo_bundle(out: Path, assets: Path) -> Path:
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
     from vlexport.export.yolo import YoloExportOptions, export_yolo
 
     export_yolo(YoloExportOptions(

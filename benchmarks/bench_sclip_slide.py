@@ -31,7 +31,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from vlexport.export.sclip import SCLIPExportOptions, export_sclip
-    from vlexport.models.sclip import SCLIPSegmenter
+    from vlexport.models.sclip.model import SCLIPSegmenter
     from vlexport.runtime import load
 
     classes = ["sky", "tree", "road", "person", "bus", "car", "building", "grass"]

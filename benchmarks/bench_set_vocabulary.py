@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=32, help="prompts for the 77-token vs cut comparison (0: skip)")
     ap.add_argument("--out", default=None, help="JSON path [default: benchmarks/results/set_vocabulary_<preset>.json]")
     args = ap.parse_args()
-    from vlexport.models.text import COCO80_CLASSES as COCO80
+    from vlexport.models.clip.text import COCO80_CLASSES as COCO80
 
     if not 1 <= args.names <= len(COCO80):
         ap.error(f"--names must lie in 1..{len(COCO80)}")

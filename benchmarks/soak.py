@@ -71,7 +71,7 @@ class LoopedVideos:
 def _bundles(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, Path]:
     from vlexport.export.captioner import CaptionerExportOptions, export_captioner
     from vlexport.export.multiscale import MultiScaleExportOptions, export_multiscale
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
     from vlexport.export.yolo import YoloExportOptions, export_yolo
 
     det = Path(args.detect) if args.detect else export_yolo(YoloExportOptions(

@@ -52,7 +52,7 @@ def tiny_caption_bundle(tmp_path_factory) -> Path:
     import torch
 
     from vlexport.export.captioner import CaptionerExportOptions, export_captioner
-    from vlexport.models.captioner import build_captioner, save_captioner
+    from vlexport.models.captioner.model import build_captioner, save_captioner
 
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("caption")

@@ -11,7 +11,7 @@ and precision, on one real frame (the first of ``--source``, else a synthetic on
 * **PyTorch eager**: the same architecture rebuilt from the manifest with random weights (weights
   do not change latency), timed on the same inputs, when torch (the export extra) is installed;
 * **video**: with a source, the pipeline's throughput on it
-  (:func:`vlexport.runtime.video.run_on_source`, FPS and per-stage percentiles).
+  (:func:`vlexport.runtime.sinks.run_on_source`, FPS and per-stage percentiles).
 
 Measurements run one after the other, each backend loaded only while it is measured.
 :func:`run_bench` returns a :class:`BenchReport`; :meth:`BenchReport.table` prints it,
@@ -282,7 +282,7 @@ def _first_frame(source: str | None) -> tuple[np.ndarray, str, bool]:
     """(first frame, its label, whether the source is live: a camera or a stream, with no end)."""
     if source is None:
         return synthetic_frame(), "synthetic", False
-    from vlexport.runtime.video import open_source
+    from vlexport.runtime.sinks import open_source
 
     with open_source(source) as src:
         for frame in src:
@@ -591,7 +591,7 @@ def _model_config(bundle: Bundle) -> dict[str, Any]:
 
 def _kdeov_modules(bundle: Bundle) -> dict[str, Any]:
     from vlexport.export.kdeov import DetectorGraph
-    from vlexport.models.kdeov import KDEOVConfig, build_kdeov
+    from vlexport.models.kdeov.model import KDEOVConfig, build_kdeov
 
     config = KDEOVConfig.from_dict(_model_config(bundle))
     model = build_kdeov(config)
@@ -604,7 +604,7 @@ def _kdeov_modules(bundle: Bundle) -> dict[str, Any]:
 def _yolo_modules(bundle: Bundle) -> dict[str, Any]:
     from vlexport.errors import CheckpointError
     from vlexport.export.yolo import YoloDetectorGraph
-    from vlexport.models.backbones import LightweightVisualBackbone
+    from vlexport.models.common.backbones import LightweightVisualBackbone
 
     model = bundle.manifest.get("model") or {}
     provenance = bundle.manifest.get("provenance") or {}
@@ -628,8 +628,8 @@ def _yolo_modules(bundle: Bundle) -> dict[str, Any]:
 def _sclip_modules(bundle: Bundle) -> dict[str, Any]:
     import torch
 
-    from vlexport.models.clip_towers import load_clip_model
-    from vlexport.models.sclip import SCLIPConfig, SCLIPSegmenter
+    from vlexport.models.clip.towers import load_clip_model
+    from vlexport.models.sclip.model import SCLIPConfig, SCLIPSegmenter
 
     data = _model_config(bundle)
     legacy = data.pop("quick_gelu", None)  # bundles from before the loader decided the activation
@@ -643,8 +643,8 @@ def _sclip_modules(bundle: Bundle) -> dict[str, Any]:
 
 
 def _captioner_modules(bundle: Bundle) -> dict[str, Any]:
-    from vlexport.models.captioner import CaptionDecoderStep, CaptionEncoderGraph, CaptionerConfig, build_captioner
-    from vlexport.models.gpt2 import GPT2Config
+    from vlexport.models.captioner.model import CaptionDecoderStep, CaptionEncoderGraph, CaptionerConfig, build_captioner
+    from vlexport.models.captioner.gpt2 import GPT2Config
 
     config = _config(CaptionerConfig, {**_model_config(bundle), "clip_pretrained": None, "gpt2_weights": None})
     gpt2 = _config(GPT2Config, (bundle.manifest.get("model") or {}).get("gpt2") or {})
@@ -654,14 +654,14 @@ def _captioner_modules(bundle: Bundle) -> dict[str, Any]:
 
 def _detr_modules(bundle: Bundle) -> dict[str, Any]:
     from vlexport.export.detr import DetectorGraph
-    from vlexport.models.detr import DETRConfig, build_detr
+    from vlexport.models.detr.model import DETRConfig, build_detr
 
     config = _config(DETRConfig, _model_config(bundle))
     return {"detector": DetectorGraph(build_detr(config).eval(), bool(config.masks)).eval()}
 
 
 def _multiscale_modules(bundle: Bundle) -> dict[str, Any]:
-    from vlexport.models.multiscale import MULTISCALE_PRESETS, build_multiscale
+    from vlexport.models.multiscale.model import MULTISCALE_PRESETS, build_multiscale
 
     cfg = _model_config(bundle)
     fusion = cfg.pop("fusion", "absi")
@@ -777,7 +777,7 @@ def _as_torch(torch: Any, x: np.ndarray, device: str) -> Any:
 def _bench_video(bundle: Bundle, frame: np.ndarray, options: BenchOptions) -> dict[str, Any]:
     """The pipeline on the source with the task a user gets (or the one restricted to), warmed up first."""
     from vlexport import runtime
-    from vlexport.runtime.video import run_on_source
+    from vlexport.runtime.sinks import run_on_source
 
     precision = options.precisions[0] if len(options.precisions) == 1 else None
     backend = options.backends[0] if len(options.backends) == 1 else None

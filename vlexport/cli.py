@@ -90,7 +90,7 @@ def precision_options(fn):
 
 
 def _precision(kw: dict):
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
 
     return PrecisionOptions(fp16=kw.pop("fp16"), int8=kw.pop("int8"), calib=kw.pop("calib"),
                             calib_size=kw.pop("calib_size"), calib_seed=kw.pop("calib_seed"),
@@ -111,7 +111,7 @@ def clip_activation_option(fn):
 def _vocabulary(classes: str | None, vocab: str | None) -> list[str] | None:
     if classes is None and vocab is None:
         return None
-    from vlexport.models.text import parse_vocabulary
+    from vlexport.models.clip.text import parse_vocabulary
 
     return parse_vocabulary(classes, vocab)
 
@@ -280,8 +280,8 @@ def sclip_cmd(**kw) -> None:
     """
     _require_export_extra()
     from vlexport.export.sclip import SCLIPExportOptions, export_sclip
-    from vlexport.models.sclip import classes_from_option
-    from vlexport.models.text import parse_vocabulary
+    from vlexport.models.sclip.model import classes_from_option
+    from vlexport.models.clip.text import parse_vocabulary
 
     kw["parity_source"] = kw.pop("val")
     precision = _precision(kw)
@@ -476,7 +476,7 @@ def train_kdeov_cmd(data: Path | None, images: Path | None, out: Path, preset: s
     if (data is None) == (images is None):
         raise UsageError("pass --data DATASET (detection) or --images FOLDER (global distillation), not both or neither")
     if data is not None:
-        from vlexport.models.kdeov_detection import DetectionTrainOptions, train_kdeov_on_dataset
+        from vlexport.models.kdeov.detection_train import DetectionTrainOptions, train_kdeov_on_dataset
 
         if imgsz is not None and (imgsz < 32 or imgsz % 32):
             raise UsageError(f"--imgsz must be a multiple of 32 and at least 32, got {imgsz}")
@@ -492,7 +492,7 @@ def train_kdeov_cmd(data: Path | None, images: Path | None, out: Path, preset: s
         click.secho(f"checkpoint written: {out}  (loss {history[0]['loss']:.4f} → {history[-1]['loss']:.4f} "
                     f"over {len(history)} steps)", fg="green")
         return
-    from vlexport.models.train import train_kdeov_on_folder
+    from vlexport.models.kdeov.distill_train import train_kdeov_on_folder
 
     history = train_kdeov_on_folder(images, out, preset=preset, backbone_weights=backbone_weights,
                                     trust_checkpoint=trust_checkpoint, steps=steps or 100, batch_size=batch_size or 8,
@@ -523,8 +523,8 @@ def train_captioner_cmd(data: Path, out: Path, preset: str, gpt2_weights: str | 
     """
     _require_export_extra()
     from vlexport.export.captioner import resolve_tokenizer
-    from vlexport.models.caption_train import load_caption_data, train_captioner
-    from vlexport.models.captioner import build_captioner, save_captioner
+    from vlexport.models.captioner.train import load_caption_data, train_captioner
+    from vlexport.models.captioner.model import build_captioner, save_captioner
 
     tok = resolve_tokenizer(str(tokenizer) if tokenizer else None)[0]
     samples = load_caption_data(data, limit=limit)
@@ -548,7 +548,7 @@ def inspect_cmd(bundle: Path, as_json: bool, verify: bool) -> None:
       vlexport inspect bundles/kdeov-yolov8n-vitb32
     """
     from vlexport.runtime.bundle import Bundle
-    from vlexport.runtime.inspect import describe_bundle
+    from vlexport.runtime.describe import describe_bundle
 
     b = Bundle.open(bundle)
     if verify:
@@ -608,7 +608,7 @@ def validate_cmd(bundle: Path, data: str, precisions: tuple[str, ...], max_image
     Example:
       vlexport validate bundles/yolo-yolov8n --data coco128/data.yaml
     """
-    from vlexport.calibration.validate import validate_bundle
+    from vlexport.evaluation.validate import validate_bundle
 
     metrics = validate_bundle(bundle, data, precisions=list(precisions) or None, max_images=max_images, threads=threads)
     click.echo(_metrics_table(metrics))
@@ -729,7 +729,7 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
     from vlexport import runtime
     from vlexport.atomic import write_json_atomic
     from vlexport.runtime.sources import open_source
-    from vlexport.runtime.video import run_on_source
+    from vlexport.runtime.sinks import run_on_source
 
     roles: dict[str, Path | None] = {"detect": detect_bundle, "segment": segment_bundle, "caption": caption_bundle}
     if bundle is not None:
@@ -758,7 +758,7 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
     overrides = {"detect": detect_overrides, "segment": {},
                  "caption": {"max_length": max_length} if max_length is not None else {}}
     if show:
-        from vlexport.runtime.video import _check_display
+        from vlexport.runtime.sinks import _check_display
 
         _check_display()
     tasks: dict[str, object] = {}

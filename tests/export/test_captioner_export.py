@@ -27,8 +27,8 @@ def tokenizer_dir(assets):
 @pytest.fixture(scope="module")
 def trained(assets, tokenizer_dir, tmp_path_factory):
     """A tiny captioner trained on 4 COCO128 photos with captions written from their labels."""
-    from vlexport.models.caption_train import load_caption_data, train_captioner
-    from vlexport.models.captioner import build_captioner, save_captioner
+    from vlexport.models.captioner.train import load_caption_data, train_captioner
+    from vlexport.models.captioner.model import build_captioner, save_captioner
     from vlexport.runtime.tokenizer import GPT2Tokenizer
 
     samples = []
@@ -46,7 +46,7 @@ def trained(assets, tokenizer_dir, tmp_path_factory):
 
 
 def _images(samples, model):
-    from vlexport.calibration.readers import read_image
+    from vlexport.data.readers import read_image
     from vlexport.runtime.tasks.caption import clip_preprocess
 
     enc = model.encoder
@@ -64,7 +64,7 @@ def test_tiny_captioner_learns_to_reproduce_its_captions(trained):
 
 
 def test_checkpoint_round_trip_gives_the_same_tokens(trained):
-    from vlexport.models.captioner import load_captioner
+    from vlexport.models.captioner.model import load_captioner
 
     model, samples, _, _, ckpt = trained
     again = load_captioner(ckpt)
@@ -75,7 +75,7 @@ def test_checkpoint_round_trip_gives_the_same_tokens(trained):
 @pytest.fixture(scope="module")
 def trained_bundle(trained, tokenizer_dir, tmp_path_factory):
     from vlexport.export.captioner import CaptionerExportOptions, export_captioner
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
 
     _, samples, _, _, ckpt = trained
     out = tmp_path_factory.mktemp("bundles") / "cap"
@@ -256,7 +256,7 @@ def test_int8_encoder_and_gated_weight_only_int8_decoder(trained, tokenizer_dir,
     """--int8: the encoder is calibrated (QDQ); the decoder gets 8-bit weights, kept because its greedy
     tokens still match PyTorch's; the runtime picks it on a CPU and captions as before."""
     from vlexport.export.captioner import CaptionerExportOptions, export_captioner
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
     from vlexport.runtime import load
 
     model, samples, _, _, ckpt = trained
@@ -294,7 +294,7 @@ def test_int8_encoder_and_gated_weight_only_int8_decoder(trained, tokenizer_dir,
 
 def test_captions_run_beside_detection_without_holding_it_up(trained_bundle, tiny_bundle, assets, tmp_path):
     from vlexport.runtime import load
-    from vlexport.runtime.video import run_on_source
+    from vlexport.runtime.sinks import run_on_source
 
     with load(tiny_bundle) as det, load(trained_bundle.path, precision="fp32") as cap:
         stats = run_on_source(det, assets / "video" / "car-detection.mp4", jsonl=tmp_path / "r.jsonl",

@@ -51,7 +51,7 @@ def official_args(**changes) -> argparse.Namespace:
 
 
 def tiny_model(preset: str = "tiny"):
-    from vlexport.models.detr import build_detr
+    from vlexport.models.detr.model import build_detr
 
     torch.manual_seed(1)
     model = build_detr(preset).eval()
@@ -69,7 +69,7 @@ def source_frames(assets: Path) -> dict[str, np.ndarray]:
 
 def reference(model, frame: np.ndarray) -> dict[str, np.ndarray]:
     """PyTorch: the eager model on the runtime's pre-processing, then the official PostProcess."""
-    from vlexport.models.detr import detr_postprocess
+    from vlexport.models.detr.model import detr_postprocess
 
     x, resized = detr_preprocess(frame, SIZE, MAX_SIZE)
     h, w = frame.shape[:2]
@@ -126,7 +126,7 @@ def bundle(tmp_path_factory, checkpoint, photos) -> Path:
 
 
 def test_manifest(bundle, checkpoint):
-    from vlexport.models.text import COCO91_CLASSES
+    from vlexport.models.clip.text import COCO91_CLASSES
     from vlexport.runtime.bundle import sha256_file
 
     m = json.loads((bundle / "manifest.json").read_text())
@@ -149,7 +149,7 @@ def test_manifest(bundle, checkpoint):
 
 
 def test_coco91_names_follow_the_annotation_ids(assets):
-    from vlexport.models.text import COCO91_CLASSES
+    from vlexport.models.clip.text import COCO91_CLASSES
 
     cats = json.loads((assets / "coco128" / "annotations" / "instances_train2017.json").read_text())["categories"]
     assert len(COCO91_CLASSES) == 91 and COCO91_CLASSES[0] == "N/A"
@@ -268,7 +268,7 @@ def test_run_cli_refuses_nms_options(bundle, assets):
 @pytest.fixture(scope="module")
 def segm(tmp_path_factory, photos, assets):
     from vlexport.export.detr import DETRExportOptions, export_detr
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
 
     model = tiny_model("tiny-segm")
     path = tmp_path_factory.mktemp("ckpt") / "detr-tiny-segm.pth"

@@ -21,7 +21,7 @@ from torch import nn
 from vlexport.errors import BundleError, ExportError
 from vlexport.export.fp16 import overflowing_nodes
 from vlexport.export.part import OutputTolerance, Part
-from vlexport.export.pipeline import ExportPlan, PrecisionOptions, write_bundle
+from vlexport.export.bundle_export import ExportPlan, PrecisionOptions, write_bundle
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.bundle import Bundle
 from vlexport.runtime.spec import PartIO, TensorSpec

@@ -8,9 +8,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from vlexport.calibration.readers import calibration_frames
+from vlexport.data.readers import calibration_frames
 from vlexport.export.part import Part
-from vlexport.export.pipeline import ExportPlan, PrecisionOptions, write_bundle
+from vlexport.export.bundle_export import ExportPlan, PrecisionOptions, write_bundle
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.preprocess import Preprocessor
 from vlexport.runtime.spec import PartIO, TensorSpec

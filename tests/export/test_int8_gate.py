@@ -102,7 +102,7 @@ def test_exclusion_plan_grows_heads_first_then_the_rest():
 
 def test_int8_the_gate_cannot_pass_is_refused_and_the_rest_written(tmp_path, assets):
     """Like any lower precision that fails its check: FP32 is written, INT8 left out with the reason."""
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
     from vlexport.export.yolo import YoloExportOptions, export_yolo
 
     calib = assets / "coco128" / "images" / "train2017"

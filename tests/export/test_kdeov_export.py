@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 from vlexport.errors import ExportError  # noqa: E402
 from vlexport.export.kdeov import KDEOVExportOptions, build_plan, export_kdeov  # noqa: E402
 from vlexport.export.part import OutputTolerance  # noqa: E402
-from vlexport.export.pipeline import write_bundle  # noqa: E402
+from vlexport.export.bundle_export import write_bundle  # noqa: E402
 from vlexport.runtime import load  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def test_real_size_yolov8n_vitb32_all_parts(tmp_path, assets):
 def test_kdeov_int8_with_unlabelled_val_calibrates_but_skips_the_gate(tmp_path, assets, caplog):
     import logging
 
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
 
     caplog.set_level(logging.WARNING, logger="vlexport")
     out = tmp_path / "b"

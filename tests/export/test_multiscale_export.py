@@ -19,8 +19,8 @@ from vlexport.export.multiscale import (
     fp32_rounding_error,
     multiscale_preprocess,
 )
-from vlexport.export.pipeline import PrecisionOptions
-from vlexport.models.multiscale import binary_segmentation_loss, build_multiscale
+from vlexport.export.bundle_export import PrecisionOptions
+from vlexport.models.multiscale.model import binary_segmentation_loss, build_multiscale
 from vlexport.runtime import load
 from vlexport.runtime.preprocess import Preprocessor, letterbox_params
 

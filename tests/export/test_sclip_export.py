@@ -43,7 +43,7 @@ def test_manifest_and_parity(voc_bundle):
 
 def test_runtime_matches_the_pytorch_segmenter(voc_bundle, assets):
     """The runtime's numpy windows/stitching/post-processing give PyTorch's label map."""
-    from vlexport.models.sclip import SCLIPSegmenter
+    from vlexport.models.sclip.model import SCLIPSegmenter
 
     img = cv2.imread(str(assets / "images" / "bus.jpg"))
     ours = load(voc_bundle, precision="fp32").segment(img)
@@ -115,9 +115,9 @@ def openai_vit_b16_file(tmp_path_factory):
 def test_vit_b16_openai_file_parity_and_runtime_labels(tmp_path, assets, openai_vit_b16_file):
     """Real size, OpenAI-layout weights file: QuickGELU on both towers, the exported segmenter matches
     PyTorch, and the runtime's labels equal PyTorch's segment() (FP32 >= 99.99 %, FP16 >= 99.5 %)."""
-    from vlexport.export.pipeline import PrecisionOptions
+    from vlexport.export.bundle_export import PrecisionOptions
     from vlexport.export.sclip import SCLIPExportOptions, export_sclip
-    from vlexport.models.sclip import SCLIPSegmenter
+    from vlexport.models.sclip.model import SCLIPSegmenter
 
     classes = ["sky", "tree", "person", "bus", "road", "building", "car", "window"]
     report = export_sclip(SCLIPExportOptions(out=tmp_path / "b", preset="vit-b16", classes=classes,
@@ -156,7 +156,7 @@ def test_int8_calibrates_on_the_sliding_window_crops(tmp_path, assets):
 
 
 def test_pamr_in_runtime_and_in_graph_agree_with_pytorch(tmp_path, assets):
-    from vlexport.models.sclip import SCLIPSegmenter
+    from vlexport.models.sclip.model import SCLIPSegmenter
 
     img = cv2.imread(str(assets / "images" / "zidane.jpg"))
     labels = {}
@@ -183,7 +183,7 @@ def test_long_side_cap_and_small_windows_match_pytorch(tmp_path, assets):
     """SCLIP's Resize(scale=(max_long, short)): a thin frame's capped short side falls below the crop
     (tiny: 100x1000 -> 48x480 < 64, 300x2400 -> 60x480); the runtime cuts min(crop, side) windows and
     the exported graph (dynamic crop size) gives PyTorch's labels."""
-    from vlexport.models.sclip import SCLIPSegmenter
+    from vlexport.models.sclip.model import SCLIPSegmenter
 
     out = tmp_path / "b"
     r = invoke("sclip", "--preset", "tiny", "--classes", "sky,tree,person,bus", "--templates", "single",
@@ -209,8 +209,8 @@ def test_long_side_cap_and_small_windows_match_pytorch(tmp_path, assets):
 def test_area_threshold_synonyms_and_probabilities_match_pytorch(tmp_path, assets):
     """--classes with "|" synonyms lands like a --vocab file; --area-threshold reaches the manifest and
     the runtime (with prob_threshold and background 0), whose labels and probabilities are PyTorch's."""
-    from vlexport.models.sclip import SCLIPSegmenter
-    from vlexport.models.text import parse_vocabulary
+    from vlexport.models.sclip.model import SCLIPSegmenter
+    from vlexport.models.clip.text import parse_vocabulary
 
     lines = ["background, sky, wall, road", "person", "bus", "car", "dog", "tree", "bicycle"]
     common = ["--preset", "tiny", "--templates", "single", "--logit-scale", "65", "--background-index", "0",

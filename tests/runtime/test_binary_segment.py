@@ -18,7 +18,7 @@ from vlexport.errors import UsageError  # noqa: E402
 from vlexport.runtime.preprocess import LetterboxInfo, Preprocessor, letterbox_params  # noqa: E402
 from vlexport.runtime.segmentation import Segmentation  # noqa: E402
 from vlexport.runtime.tasks.binary_segment import BinarySegmentTask, logits_to_source, threshold_logit  # noqa: E402
-from vlexport.runtime.video import run_on_source  # noqa: E402
+from vlexport.runtime.sinks import run_on_source  # noqa: E402
 
 ASSETS = Path(os.environ.get("VLEXPORT_ASSETS", Path(__file__).resolve().parents[3] / "shared" / "assets"))
 SIZE = 128
@@ -42,7 +42,7 @@ def exported(tmp_path_factory):
     """A tiny ABSI segmenter with non-trivial BatchNorm statistics and a head bias that puts the
     median logit of bus.jpg at 0 (so both classes appear), saved, exported, and kept for reference."""
     from vlexport.export.multiscale import MultiScaleExportOptions, export_multiscale, multiscale_preprocess
-    from vlexport.models.multiscale import build_multiscale
+    from vlexport.models.multiscale.model import build_multiscale
 
     torch.manual_seed(0)
     model = build_multiscale("tiny", "absi", image_size=SIZE)

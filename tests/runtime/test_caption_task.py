@@ -156,7 +156,7 @@ def exported(tmp_path_factory):
     if not (TOKENIZER / "encoder.json").is_file():
         pytest.skip(f"GPT-2 tokenizer files not found in {TOKENIZER}")
     from vlexport.export.captioner import CaptionerExportOptions, export_captioner
-    from vlexport.models.captioner import build_captioner, load_captioner, save_captioner
+    from vlexport.models.captioner.model import build_captioner, load_captioner, save_captioner
 
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("caption")
@@ -181,8 +181,8 @@ def _torch_step(model):
     """PyTorch's decoder step in the decoding module's step-function form (None past = empty)."""
     import torch
 
-    from vlexport.models.captioner import CaptionDecoderStep
-    from vlexport.models.gpt2 import empty_cache
+    from vlexport.models.captioner.model import CaptionDecoderStep
+    from vlexport.models.captioner.gpt2 import empty_cache
 
     step = CaptionDecoderStep(model.gpt2).eval()
 
@@ -243,7 +243,7 @@ def test_regions_are_the_encoders_predictions_in_source_pixels(exported) -> None
     import torch
 
     import vlexport.runtime as vr
-    from vlexport.models.captioner import CaptionEncoderGraph
+    from vlexport.models.captioner.model import CaptionEncoderGraph
 
     model, root = exported
     frame = _frames()[0]  # 160x120 (w x h): the crop is the central square

@@ -25,7 +25,7 @@ from vlexport.runtime.clip_tokenizer import (
 )
 
 open_clip = pytest.importorskip("open_clip")
-from vlexport.models.text import COCO80_CLASSES, IMAGENET_TEMPLATES  # noqa: E402
+from vlexport.models.clip.text import COCO80_CLASSES, IMAGENET_TEMPLATES  # noqa: E402
 
 # LVIS-style names (LVIS v1 spells them "aerosol_can", "Band_Aid", ...; prompts use spaces).
 LVIS_NAMES = [

@@ -31,7 +31,7 @@ def test_runtime_never_imports_torch(tmp_path: Path) -> None:
         import vlexport.runtime as vr
         assert "torch" not in sys.modules, "import vlexport.runtime pulled in torch"
         assert "cv2" not in sys.modules and "onnxruntime" not in sys.modules, "heavy imports should be lazy"
-        from vlexport.runtime import draw, video, preprocess, postprocess, results
+        from vlexport.runtime import draw, sinks, preprocess, postprocess, results
         from vlexport.runtime.backends import create_backend, describe_backends
         from vlexport.runtime.tasks.detect import DetectTask
         from vlexport.runtime.tasks.embed import EmbedTask

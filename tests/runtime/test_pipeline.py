@@ -18,7 +18,7 @@ from vlexport import runtime
 from vlexport.errors import UsageError
 from vlexport.runtime.pipeline import Pipeline, TaskSlot
 from vlexport.runtime.sources import open_source
-from vlexport.runtime.video import AnnotatedSink, JsonlSink, RecordSink, VideoSink
+from vlexport.runtime.sinks import AnnotatedSink, JsonlSink, RecordSink, VideoSink
 
 
 @pytest.fixture(scope="module")

@@ -215,8 +215,8 @@ def _reference_embeddings(names: list[str], bundle: Path) -> np.ndarray:
     """The export's own bake (PyTorch text tower), for names the bundle never saw."""
     import json
 
-    from vlexport.models.clip_towers import FrozenCLIPTextEncoder
-    from vlexport.models.text import build_text_embeddings, resolve_templates
+    from vlexport.models.clip.towers import FrozenCLIPTextEncoder
+    from vlexport.models.clip.text import build_text_embeddings, resolve_templates
 
     te = json.loads((bundle / "manifest.json").read_text())["provenance"]["text_encoder"]
     encoder = FrozenCLIPTextEncoder(te["model"], te["pretrained"], allow_random=True)

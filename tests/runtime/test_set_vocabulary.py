@@ -44,7 +44,7 @@ def _invoke(*args: str):
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """``single`` and ``three`` (--vocab-mode input --with-text-encoder), ``baked`` (NEW baked in), one student."""
-    from vlexport.models.kdeov import build_kdeov, save_kdeov_checkpoint
+    from vlexport.models.kdeov.model import build_kdeov, save_kdeov_checkpoint
 
     root = tmp_path_factory.mktemp("setvocab")
     torch.manual_seed(0)
@@ -77,8 +77,8 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
 
 def _reference(names: list[str], templates: str) -> np.ndarray:
     """The export-time bake: PyTorch's tiny text tower over the same templates."""
-    from vlexport.models.clip_towers import FrozenCLIPTextEncoder
-    from vlexport.models.text import build_text_embeddings, resolve_templates
+    from vlexport.models.clip.towers import FrozenCLIPTextEncoder
+    from vlexport.models.clip.text import build_text_embeddings, resolve_templates
 
     templates_id, tpl = resolve_templates(templates)
     return build_text_embeddings(FrozenCLIPTextEncoder("tiny", None), names, tpl, templates_id).embeddings

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.backbones import LightweightVisualBackbone, load_checkpoint_file
+from vlexport.models.common.backbones import LightweightVisualBackbone, load_checkpoint_file
 
 pytest.importorskip("ultralytics")
 

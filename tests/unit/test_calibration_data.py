@@ -10,14 +10,14 @@ import cv2
 import numpy as np
 import pytest
 
-from vlexport.calibration.datasets import (
+from vlexport.data.detection import (
     DetectionDataset,
     image_size,
     load_detection_dataset,
     parse_simple_yaml,
     to_coco_gt,
 )
-from vlexport.calibration.readers import CalibrationSet, calibration_frames
+from vlexport.data.readers import CalibrationSet, calibration_frames
 from vlexport.errors import SourceError, UsageError
 
 COCO_JSON = "coco128/annotations/instances_train2017.json"

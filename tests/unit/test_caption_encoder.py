@@ -12,8 +12,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from vlexport.errors import UsageError  # noqa: E402
-from vlexport.models.caption_encoder import MultiScaleCLIPEncoder, tap_indices  # noqa: E402
-from vlexport.models.clip_towers import load_clip_model  # noqa: E402
+from vlexport.models.captioner.encoder import MultiScaleCLIPEncoder, tap_indices  # noqa: E402
+from vlexport.models.clip.towers import load_clip_model  # noqa: E402
 
 
 def _tiny(**kwargs) -> MultiScaleCLIPEncoder:

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from vlexport.errors import UsageError
-from vlexport.models import clip_towers
-from vlexport.models.clip_towers import (
+from vlexport.models.clip import towers as clip_towers
+from vlexport.models.clip.towers import (
     FrozenCLIPImageEncoder,
     FrozenCLIPTextEncoder,
     load_clip_model,
     resolve_activation,
 )
-from vlexport.models.text import TextEmbeddingCache, build_text_embeddings
+from vlexport.models.clip.text import TextEmbeddingCache, build_text_embeddings
 
 CLASSES = ["person", "red car", "dog"]
 TEMPLATES = ("a photo of a {}.", "itap of my {}.")
@@ -106,7 +106,7 @@ def test_kdeov_export_records_and_bakes_quickgelu(openai_file: Path, tmp_path: P
 
 
 def test_sclip_image_and_text_paths_use_quickgelu(openai_file: Path) -> None:
-    from vlexport.models.sclip import SCLIPSegmenter
+    from vlexport.models.sclip.model import SCLIPSegmenter
 
     seg = SCLIPSegmenter.from_preset("tiny", CLASSES, pretrained=str(openai_file), templates=TEMPLATES)
     assert seg.loaded.activation == "quickgelu"
@@ -120,7 +120,7 @@ def test_sclip_image_and_text_paths_use_quickgelu(openai_file: Path) -> None:
 
 
 def test_captioner_vision_tower_uses_quickgelu(openai_file: Path) -> None:
-    from vlexport.models.captioner import build_captioner
+    from vlexport.models.captioner.model import build_captioner
 
     model = build_captioner("tiny", clip_pretrained=str(openai_file)).eval()
     assert model.encoder.clip_info["activation"] == "quickgelu"

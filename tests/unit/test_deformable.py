@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from vlexport.models.deformable import (  # noqa: E402
+from vlexport.models.captioner.deformable import (  # noqa: E402
     MultiScaleDeformableAttention,
     bilinear_sample_reference,
     grid_sample_bilinear,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.detr import (
+from vlexport.models.detr.model import (
     DETRConfig,
     FrozenBatchNorm2d,
     MultiheadAttention,
@@ -21,13 +21,13 @@ from vlexport.models.detr import (
     build_detr,
     detr_postprocess,
 )
-from vlexport.models.detr_checkpoint import (
+from vlexport.models.detr.checkpoint import (
     detr_config_from_state_dict,
     detr_state_dict_summary,
     load_detr_checkpoint,
 )
-from vlexport.models.detr_loss import SetCriterion, detr_weight_dict, dice_loss, sigmoid_focal_loss
-from vlexport.models.matcher import HungarianMatcher
+from vlexport.models.detr.loss import SetCriterion, detr_weight_dict, dice_loss, sigmoid_focal_loss
+from vlexport.models.common.matcher import HungarianMatcher
 from vlexport.runtime.detr_preprocess import IMAGENET_MEAN, IMAGENET_STD, detr_preprocess, detr_resize_size
 
 torch.set_num_threads(1)

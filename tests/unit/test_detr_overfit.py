@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vlexport.errors import UsageError
-from vlexport.models.detr import build_detr
-from vlexport.models.detr_loss import SetCriterion, detr_weight_dict
-from vlexport.models.matcher import HungarianMatcher
+from vlexport.models.detr.model import build_detr
+from vlexport.models.detr.loss import SetCriterion, detr_weight_dict
+from vlexport.models.common.matcher import HungarianMatcher
 from vlexport.runtime.detr_preprocess import detr_pad_batch, detr_preprocess
 
 # Two images with two objects each (giraffes; a vase and a plant), different aspect ratios, so

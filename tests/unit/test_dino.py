@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vlexport.errors import UsageError
-from vlexport.models import dino as dino_module
-from vlexport.models.dino import (
+from vlexport.models.kdeov import dino as dino_module
+from vlexport.models.kdeov.dino import (
     DINODistillation,
     DINOLoss,
     MomentumTeacher,
@@ -156,7 +156,8 @@ def test_multi_crop_views_are_reproducible_crops_of_the_input():
 
 
 def test_clip_loss_is_the_shared_one():
-    from vlexport.models import losses, train
+    from vlexport.models.common import losses
+    from vlexport.models.kdeov import distill_train as train
 
     defined_here = [
         name for name, obj in vars(dino_module).items()
@@ -171,16 +172,16 @@ def test_clip_loss_is_the_shared_one():
 
 @pytest.fixture()
 def four_images(assets) -> torch.Tensor:
-    from vlexport.models.train import ImageFolderDataset
+    from vlexport.models.kdeov.distill_train import ImageFolderDataset
 
     ds = ImageFolderDataset(assets / "coco128" / "images" / "train2017", image_size=128)
     return torch.stack([ds[i] for i in range(4)])
 
 
 def test_dino_distillation_trains_a_kdeov_student(four_images):
-    from vlexport.models.clip_towers import FrozenCLIPImageEncoder
-    from vlexport.models.kdeov import build_kdeov
-    from vlexport.models.train import train_feature_alignment
+    from vlexport.models.clip.towers import FrozenCLIPImageEncoder
+    from vlexport.models.kdeov.model import build_kdeov
+    from vlexport.models.kdeov.distill_train import train_feature_alignment
 
     torch.manual_seed(0)
     model = build_kdeov("tiny")
@@ -209,10 +210,10 @@ def test_dino_distillation_trains_a_kdeov_student(four_images):
 
 def test_dino_loss_is_the_total_minus_the_alignment(four_images):
     """One step's reported loss is FeatureAlignmentLoss + weight · DINO (same views, same weights)."""
-    from vlexport.models.clip_towers import FrozenCLIPImageEncoder
-    from vlexport.models.kdeov import build_kdeov
-    from vlexport.models.losses import FeatureAlignmentLoss
-    from vlexport.models.train import train_feature_alignment
+    from vlexport.models.clip.towers import FrozenCLIPImageEncoder
+    from vlexport.models.kdeov.model import build_kdeov
+    from vlexport.models.common.losses import FeatureAlignmentLoss
+    from vlexport.models.kdeov.distill_train import train_feature_alignment
 
     torch.manual_seed(0)
     model = build_kdeov("tiny")

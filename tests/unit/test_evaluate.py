@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlexport.calibration.datasets import DetectionDataset, DetectionItem, load_detection_dataset, to_coco_gt
-from vlexport.calibration.evaluate import (
+from vlexport.data.detection import DetectionDataset, DetectionItem, load_detection_dataset, to_coco_gt
+from vlexport.evaluation.detection import (
     DetectionMetrics,
     class_mapping,
     coco_evaluate,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlexport.errors import CheckpointError, WeightsUnavailableError
-from vlexport.models.gpt2 import GPT2_PRESETS, GPT2Config, GPT2LMHeadModel, empty_cache, find_gpt2_files
+from vlexport.models.captioner.gpt2 import GPT2_PRESETS, GPT2Config, GPT2LMHeadModel, empty_cache, find_gpt2_files
 
 TINY = GPT2_PRESETS["tiny"]
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.kdeov import (
+from vlexport.models.kdeov.model import (
     CHECKPOINT_FORMAT,
     KDEOV_PRESETS,
     CrossModalFusionModule,
@@ -24,7 +24,7 @@ from vlexport.models.kdeov import (
     load_kdeov_checkpoint,
     save_kdeov_checkpoint,
 )
-from vlexport.models.losses import (
+from vlexport.models.common.losses import (
     CrossModalAlignmentLoss,
     DistillationLoss,
     FeatureAlignmentLoss,
@@ -39,7 +39,7 @@ CLASSES = ["a photo of a cat", "a photo of a dog", "a photo of a bus"]
 
 @pytest.fixture(scope="module")
 def text_encoder():
-    from vlexport.models.clip_towers import FrozenCLIPTextEncoder
+    from vlexport.models.clip.towers import FrozenCLIPTextEncoder
 
     return FrozenCLIPTextEncoder(TINY.clip_model, TINY.clip_pretrained)
 
@@ -423,7 +423,7 @@ def test_feature_alignment_loss_is_the_weighted_sum():
 
 
 def test_config_records_the_backbone_actually_built():
-    from vlexport.models.backbones import LightweightVisualBackbone
+    from vlexport.models.common.backbones import LightweightVisualBackbone
 
     cfg = dataclasses.replace(TINY, backbone="yolov8n")
     model = KDEOVModel(cfg, backbone=LightweightVisualBackbone("yolov8n", fallback=True))

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from vlexport.errors import UsageError
-from vlexport.models.box_ops import (
+from vlexport.models.common.box_ops import (
     box_area,
     box_cxcywh_to_xyxy,
     box_iou,
     box_xyxy_to_cxcywh,
     generalized_box_iou,
 )
-from vlexport.models.matcher import HungarianMatcher
+from vlexport.models.common.matcher import HungarianMatcher
 
 
 def _giou_scalar(a, b):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlexport.calibration.segmentation import (
+from vlexport.evaluation.segmentation import (
     VOC_CLASSES,
     ConfusionMatrix,
     SegmentationDataset,

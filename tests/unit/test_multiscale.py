@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.multiscale import (
+from vlexport.models.multiscale.model import (
     MULTISCALE_PRESETS,
     AttentionScaleIntegration,
     HierarchicalScaleIntegration,

@@ -216,7 +216,7 @@ def test_quantize_a_real_exported_detector(tiny_bundle, tmp_path):
     passes the checker and runs, keeping its outputs' names, dtypes and shapes."""
     import json
 
-    from vlexport.calibration.readers import synthetic_images
+    from vlexport.data.readers import synthetic_images
     from vlexport.runtime.preprocess import Preprocessor
 
     src = tiny_bundle / "detector.onnx"

@@ -14,8 +14,8 @@ ort = pytest.importorskip("onnxruntime")
 from torch import nn  # noqa: E402
 
 from vlexport.errors import UsageError  # noqa: E402
-from vlexport.models.pamr import PAMR  # noqa: E402
-from vlexport.models.sclip import (  # noqa: E402
+from vlexport.models.sclip.pamr import PAMR  # noqa: E402
+from vlexport.models.sclip.model import (  # noqa: E402
     SCLIPSegmenter,
     csa_attention,
     resize_short_side,
@@ -224,7 +224,7 @@ def test_exported_crop_size_is_dynamic(seg, tmp_path):
 
 
 def test_probabilities_area_threshold_and_segment(seg):
-    from vlexport.models.sclip import SCLIPSegmenter
+    from vlexport.models.sclip.model import SCLIPSegmenter
 
     image = np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     area = SCLIPSegmenter(seg.loaded, dataclasses.replace(seg.config, area_threshold=0.4, prob_threshold=0.5),
@@ -243,7 +243,7 @@ def test_probabilities_area_threshold_and_segment(seg):
 
 
 def test_classes_option_synonyms():
-    from vlexport.models.sclip import classes_from_option
+    from vlexport.models.sclip.model import classes_from_option
 
     assert classes_from_option("background|sky| wall ,cat,dog") == ["background, sky, wall", "cat", "dog"]
     assert classes_from_option("a,b,c") == ["a", "b", "c"]

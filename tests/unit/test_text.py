@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from vlexport.errors import CheckpointError, UsageError, WeightsUnavailableError
-from vlexport.models import clip_towers
-from vlexport.models.clip_towers import (
+from vlexport.models.clip import towers as clip_towers
+from vlexport.models.clip.towers import (
     FrozenCLIPImageEncoder,
     FrozenCLIPTextEncoder,
     RandomWeightsWarning,
     clear_clip_cache,
     load_clip_model,
 )
-from vlexport.models.text import (
+from vlexport.models.clip.text import (
     COCO80_CLASSES,
     IMAGENET_TEMPLATES,
     SINGLE_TEMPLATE,
@@ -415,7 +415,7 @@ def test_vit_b32_offline_falls_back_to_random_with_loud_warning(
 
 def test_trimmed_encoding_equals_the_full_forward():
     """encode() stops at the longest prompt's end-of-text token; that must not change anything."""
-    from vlexport.models.clip_towers import FrozenCLIPTextEncoder
+    from vlexport.models.clip.towers import FrozenCLIPTextEncoder
 
     enc = FrozenCLIPTextEncoder("tiny", None)
     texts = ["a photo of a dog.", "a bad photo of the traffic light with many words in it.", "x"]

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlexport.errors import SourceError, UsageError
-from vlexport.models.kdeov import build_kdeov, load_kdeov_checkpoint
-from vlexport.models.train import ImageFolderDataset, train_feature_alignment
+from vlexport.models.kdeov.model import build_kdeov, load_kdeov_checkpoint
+from vlexport.models.kdeov.distill_train import ImageFolderDataset, train_feature_alignment
 
 ASSETS = Path(os.environ.get("VLEXPORT_ASSETS", "/work/shared/assets"))
 COCO = ASSETS / "coco128" / "images" / "train2017"
@@ -54,7 +54,7 @@ def test_image_folder_dataset_errors(tmp_path):
 
 
 def test_training_lowers_the_loss_and_checkpoint_reloads(eight_images, tmp_path):
-    from vlexport.models.clip_towers import FrozenCLIPImageEncoder
+    from vlexport.models.clip.towers import FrozenCLIPImageEncoder
 
     torch.manual_seed(0)
     model = build_kdeov("tiny")
@@ -79,7 +79,7 @@ def test_training_lowers_the_loss_and_checkpoint_reloads(eight_images, tmp_path)
 
 
 def test_training_argument_errors(eight_images):
-    from vlexport.models.clip_towers import FrozenCLIPImageEncoder
+    from vlexport.models.clip.towers import FrozenCLIPImageEncoder
 
     model = build_kdeov("tiny")
     teacher = FrozenCLIPImageEncoder("tiny", None)

@@ -161,8 +161,8 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
     folder. Returns (metrics per precision, one record per gate round).
     """
     from vlexport import runtime
-    from vlexport.calibration.datasets import load_detection_dataset
-    from vlexport.calibration.evaluate import evaluate_detector
+    from vlexport.data.detection import load_detection_dataset
+    from vlexport.evaluation.detection import evaluate_detector
     from vlexport.calibration.quantize import quantize_int8
 
     if plan.task != "detect":

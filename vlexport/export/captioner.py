@@ -18,7 +18,7 @@ import torch
 
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
-from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.runtime.spec import PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -68,7 +68,7 @@ class CaptionerExportOptions:
 
 
 def _model(opts: CaptionerExportOptions):
-    from vlexport.models.captioner import build_captioner, load_captioner
+    from vlexport.models.captioner.model import build_captioner, load_captioner
 
     if opts.checkpoint is not None:
         if any(v is not None for v in (opts.clip_model, opts.clip_pretrained, opts.clip_activation, opts.gpt2_weights)):
@@ -93,7 +93,7 @@ def resolve_tokenizer(folder: str | None):
 
 
 def _region_classes(opts: CaptionerExportOptions, n: int) -> list[str]:
-    from vlexport.models.text import COCO80_CLASSES
+    from vlexport.models.clip.text import COCO80_CLASSES
 
     if opts.region_classes is not None:
         if len(opts.region_classes) != n:
@@ -104,10 +104,10 @@ def _region_classes(opts: CaptionerExportOptions, n: int) -> list[str]:
 
 def build_plan(opts: CaptionerExportOptions) -> ExportPlan:
     """Build (or load) the captioner and describe its two parts, the tokenizer and the decoding settings."""
-    from vlexport.calibration.readers import parity_frames, synthetic_images
+    from vlexport.data.readers import parity_frames, synthetic_images
     from vlexport.calibration.weight_only import quantize_weights
-    from vlexport.models.captioner import CaptionDecoderStep, CaptionEncoderGraph
-    from vlexport.models.gpt2 import empty_cache
+    from vlexport.models.captioner.model import CaptionDecoderStep, CaptionEncoderGraph
+    from vlexport.models.captioner.gpt2 import empty_cache
     from vlexport.runtime.tasks.caption import clip_preprocess
 
     opts.check()
@@ -253,8 +253,8 @@ def decode_parity(model, encoder_path: Path, decoder_path: Path, images: torch.T
     graphs run the same way, teacher-forced with PyTorch's tokens so that the logits of every step
     are comparable, and each graph step's own argmax is compared with PyTorch's token.
     """
-    from vlexport.models.captioner import CaptionDecoderStep
-    from vlexport.models.gpt2 import empty_cache
+    from vlexport.models.captioner.model import CaptionDecoderStep
+    from vlexport.models.captioner.gpt2 import empty_cache
     from vlexport.runtime.backends.onnxruntime import OrtBackend
 
     step = CaptionDecoderStep(model.gpt2).eval()

@@ -27,7 +27,7 @@ from torch import nn
 
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
-from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.runtime.detr_preprocess import IMAGENET_MEAN, IMAGENET_STD, detr_preprocess
 from vlexport.runtime.spec import PartIO, TensorSpec
@@ -155,8 +155,8 @@ class DetectorGraph(nn.Module):
         return result
 
     def reference(self, images: torch.Tensor, orig_size: torch.Tensor):
-        """The model's eager path followed by :func:`vlexport.models.detr.detr_postprocess` (parity reference)."""
-        from vlexport.models.detr import detr_postprocess
+        """The model's eager path followed by :func:`vlexport.models.detr.model.detr_postprocess` (parity reference)."""
+        from vlexport.models.detr.model import detr_postprocess
 
         out = self.model(images)
         scores, labels, boxes = detr_postprocess(out["pred_logits"], out["pred_boxes"], orig_size.flip(-1))
@@ -186,8 +186,8 @@ def _check_options(opts: DETRExportOptions) -> None:
 
 def _load_model(opts: DETRExportOptions) -> tuple[nn.Module, Any, str, dict[str, Any], list[str]]:
     """(model in eval mode, its config, preset label, provenance, warnings)."""
-    from vlexport.models.detr import DETR_PRESETS, build_detr
-    from vlexport.models.detr_checkpoint import load_detr_checkpoint
+    from vlexport.models.detr.model import DETR_PRESETS, build_detr
+    from vlexport.models.detr.checkpoint import load_detr_checkpoint
 
     overrides = {} if opts.dilation is None else {"dilation": bool(opts.dilation)}
     notes: list[str] = []
@@ -216,7 +216,7 @@ def _load_model(opts: DETRExportOptions) -> tuple[nn.Module, Any, str, dict[str,
 
 
 def _class_names(opts: DETRExportOptions, num_classes: int) -> list[str]:
-    from vlexport.models.text import COCO91_CLASSES
+    from vlexport.models.clip.text import COCO91_CLASSES
 
     if opts.classes is not None:
         names = [str(c) for c in opts.classes]
@@ -230,7 +230,7 @@ def _class_names(opts: DETRExportOptions, num_classes: int) -> list[str]:
 
 
 def _parity_frames(opts: DETRExportOptions) -> tuple[list[np.ndarray], str]:
-    from vlexport.calibration.readers import parity_frames, synthetic_images
+    from vlexport.data.readers import parity_frames, synthetic_images
 
     if opts.parity_source:
         return parity_frames(opts.parity_source, opts.parity_count).frames, str(opts.parity_source)

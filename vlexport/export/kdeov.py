@@ -16,10 +16,10 @@ from torch import nn
 
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
-from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch, yolo_preprocess
-from vlexport.models.kdeov import best_folded_similarity
+from vlexport.models.kdeov.model import best_folded_similarity
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
 
@@ -127,7 +127,7 @@ def _check_options(opts: KDEOVExportOptions) -> None:
 
 def resolve_config(opts: KDEOVExportOptions):
     """The model config: preset, then the checkpoint's own config, then explicit options."""
-    from vlexport.models.kdeov import KDEOV_PRESETS, load_kdeov_checkpoint
+    from vlexport.models.kdeov.model import KDEOV_PRESETS, load_kdeov_checkpoint
 
     if opts.preset not in KDEOV_PRESETS:
         raise UsageError(f"unknown kdeov preset {opts.preset!r}; choose one of {', '.join(KDEOV_PRESETS)}")
@@ -144,9 +144,9 @@ def resolve_config(opts: KDEOVExportOptions):
 
 def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
     """Load/build everything for a KDEOV export and describe its parts."""
-    from vlexport.models.clip_towers import FrozenCLIPTextEncoder
-    from vlexport.models.kdeov import build_kdeov
-    from vlexport.models.text import COCO80_CLASSES, TextEmbeddingCache, build_text_embeddings, resolve_templates
+    from vlexport.models.clip.towers import FrozenCLIPTextEncoder
+    from vlexport.models.kdeov.model import build_kdeov
+    from vlexport.models.clip.text import COCO80_CLASSES, TextEmbeddingCache, build_text_embeddings, resolve_templates
 
     _check_options(opts)
     config = resolve_config(opts)
@@ -164,8 +164,8 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
     notes += [str(w.message) for w in caught if "RANDOM" in str(w.message).upper()]
     trained: dict[str, Any] = {}
     if opts.checkpoint is not None:
-        from vlexport.models.kdeov import kdeov_checkpoint_extra
-        from vlexport.models.kdeov_detection import check_text_tower
+        from vlexport.models.kdeov.model import kdeov_checkpoint_extra
+        from vlexport.models.kdeov.detection_train import check_text_tower
 
         trained = kdeov_checkpoint_extra(opts.checkpoint)
         check_text_tower(trained.get("text_tower"), text_encoder.loaded, opts.checkpoint)

@@ -32,7 +32,7 @@ import torch
 
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.export.part import OutputTolerance, Part
-from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.bundle import sha256_file
@@ -82,7 +82,7 @@ def multiscale_preprocess(size: int) -> dict[str, Any]:
 
 
 def _check_options(opts: MultiScaleExportOptions) -> None:
-    from vlexport.models.multiscale import FUSION_MODES, MULTISCALE_PRESETS
+    from vlexport.models.multiscale.model import FUSION_MODES, MULTISCALE_PRESETS
 
     if opts.preset not in MULTISCALE_PRESETS:
         raise UsageError(f"unknown multiscale preset {opts.preset!r}; choose one of {', '.join(MULTISCALE_PRESETS)}")
@@ -107,7 +107,7 @@ def _check_options(opts: MultiScaleExportOptions) -> None:
             raise UsageError(f"{flag} {p}: no such file")
     prec = opts.precision
     if prec is not None and prec.int8 and prec.val:
-        from vlexport.calibration.datasets import dataset_kind
+        from vlexport.data.detection import dataset_kind
 
         if dataset_kind(prec.val) is not None:
             raise UsageError(f"--val {prec.val} is a labelled detection dataset, but the INT8 accuracy gate measures "
@@ -126,7 +126,7 @@ def load_segmenter_state(model: torch.nn.Module, path: str | Path, *, hint: str 
     mis-shaped keys are counted in one :class:`CheckpointError` line, the first few by name, with
     ``hint`` appended (e.g. which preset and fusion the model was built with).
     """
-    from vlexport.models.backbones import load_checkpoint_file
+    from vlexport.models.common.backbones import load_checkpoint_file
 
     obj = load_checkpoint_file(path, trust=False, what="multiscale checkpoint")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -194,7 +194,7 @@ def fp32_rounding_error(model: torch.nn.Module, images: torch.Tensor) -> float:
 
 
 def _build_model(opts: MultiScaleExportOptions):
-    from vlexport.models.multiscale import build_multiscale
+    from vlexport.models.multiscale.model import build_multiscale
 
     overrides = {"image_size": int(opts.imgsz)} if opts.imgsz is not None else {}
     log.info("building the multiscale %s segmenter (%s fusion)…", opts.preset, opts.fusion)

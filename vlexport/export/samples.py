@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlexport.calibration.readers import parity_frames, synthetic_images
+from vlexport.data.readers import parity_frames, synthetic_images
 
 
 def yolo_preprocess(size: int) -> dict[str, Any]:

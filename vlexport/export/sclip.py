@@ -20,7 +20,7 @@ import torch
 
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
-from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.runtime.spec import PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -55,8 +55,8 @@ class SCLIPExportOptions:
 
 
 def _segmenter(opts: SCLIPExportOptions):
-    from vlexport.models.sclip import SCLIP_PRESETS, SCLIPSegmenter
-    from vlexport.models.text import TextEmbeddingCache, resolve_templates
+    from vlexport.models.sclip.model import SCLIP_PRESETS, SCLIPSegmenter
+    from vlexport.models.clip.text import TextEmbeddingCache, resolve_templates
 
     if opts.preset not in SCLIP_PRESETS:
         raise UsageError(f"unknown sclip preset {opts.preset!r}; choose one of {', '.join(SCLIP_PRESETS)}")
@@ -85,8 +85,8 @@ def _segmenter(opts: SCLIPExportOptions):
 
 def build_plan(opts: SCLIPExportOptions) -> ExportPlan:
     """Build the segmenter and describe the `segmenter` part and the runtime's settings."""
-    from vlexport.calibration.readers import parity_frames, synthetic_images
-    from vlexport.models.sclip import window_grid
+    from vlexport.data.readers import parity_frames, synthetic_images
+    from vlexport.models.sclip.model import window_grid
 
     seg, templates_id, n_templates = _segmenter(opts)
     cfg = seg.config
@@ -160,7 +160,7 @@ class _Refiner(torch.nn.Module):
 
 
 def _refiner_part(seg) -> Part:
-    from vlexport.models.pamr import PAMR
+    from vlexport.models.sclip.pamr import PAMR
 
     cfg = seg.config
     q = int(seg.text_embeddings.shape[0])

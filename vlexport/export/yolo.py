@@ -16,7 +16,7 @@ from torch import nn
 
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.export.part import OutputTolerance, Part
-from vlexport.export.pipeline import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.samples import parity_batch, yolo_preprocess
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
@@ -75,7 +75,7 @@ class YoloDetectorGraph(nn.Module):
 
 def detect_arch(checkpoint: Path, trust: bool) -> str:
     """The architecture name (e.g. ``yolov8n``) recorded in an Ultralytics checkpoint."""
-    from vlexport.models.backbones import BACKBONE_NAMES, load_checkpoint_file
+    from vlexport.models.common.backbones import BACKBONE_NAMES, load_checkpoint_file
 
     obj = load_checkpoint_file(checkpoint, trust=trust, what="YOLO checkpoint")
     model = obj.get("ema") or obj.get("model") if isinstance(obj, dict) else None
@@ -91,7 +91,7 @@ def detect_arch(checkpoint: Path, trust: bool) -> str:
 
 def build_plan(opts: YoloExportOptions) -> ExportPlan:
     """Load the checkpoint and describe the `detector` part."""
-    from vlexport.models.backbones import LightweightVisualBackbone
+    from vlexport.models.common.backbones import LightweightVisualBackbone
 
     if opts.imgsz < 32 or opts.imgsz % 32:
         raise UsageError(f"--imgsz must be a multiple of 32 and at least 32, got {opts.imgsz}")

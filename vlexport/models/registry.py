@@ -69,14 +69,14 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _kdeov_presets() -> list[str]:
-    from vlexport.models.kdeov import KDEOV_PRESETS
+    from vlexport.models.kdeov.model import KDEOV_PRESETS
 
     return list(KDEOV_PRESETS)
 
 
 def _build_kdeov(preset: str, **kwargs: Any) -> nn.Module:
-    from vlexport.models.clip_towers import FrozenCLIPTextEncoder
-    from vlexport.models.kdeov import KDEOV_PRESETS, build_kdeov
+    from vlexport.models.clip.towers import FrozenCLIPTextEncoder
+    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov
 
     config = KDEOV_PRESETS[preset]
     if "text_encoder" not in kwargs:
@@ -92,13 +92,13 @@ register_family(Family(
 
 
 def _captioner_presets() -> list[str]:
-    from vlexport.models.captioner import CAPTIONER_PRESETS
+    from vlexport.models.captioner.model import CAPTIONER_PRESETS
 
     return list(CAPTIONER_PRESETS)
 
 
 def _build_captioner(preset: str, **kwargs: Any) -> nn.Module:
-    from vlexport.models.captioner import build_captioner
+    from vlexport.models.captioner.model import build_captioner
 
     return build_captioner(preset, **kwargs)
 
@@ -111,13 +111,13 @@ register_family(Family(
 
 
 def _detr_presets() -> list[str]:
-    from vlexport.models.detr import DETR_PRESETS
+    from vlexport.models.detr.model import DETR_PRESETS
 
     return list(DETR_PRESETS)
 
 
 def _build_detr(preset: str, **kwargs: Any) -> nn.Module:
-    from vlexport.models.detr import build_detr
+    from vlexport.models.detr.model import build_detr
 
     return build_detr(preset, **kwargs)
 
@@ -129,13 +129,13 @@ register_family(Family(
 
 
 def _multiscale_presets() -> list[str]:
-    from vlexport.models.multiscale import MULTISCALE_PRESETS
+    from vlexport.models.multiscale.model import MULTISCALE_PRESETS
 
     return list(MULTISCALE_PRESETS)
 
 
 def _build_multiscale(preset: str, **kwargs: Any) -> nn.Module:
-    from vlexport.models.multiscale import build_multiscale
+    from vlexport.models.multiscale.model import build_multiscale
 
     return build_multiscale(preset, **kwargs)
 

@@ -1,6 +1,6 @@
 """PAMR (pixel-adaptive mask refinement) in numpy, for bundles that refine in the runtime.
 
-The same function as ``vlexport.models.pamr.PAMR`` (which the exporter can also bake into a
+The same function as ``vlexport.models.sclip.pamr.PAMR`` (which the exporter can also bake into a
 ``refiner`` graph): per dilation, the 8 edge-padded neighbours; the unbiased std over the 9 taps of
 all dilations; ``aff = -|x_c - x_n| / (1e-8 + 0.1 std)`` averaged over colour channels and
 soft-maxed over the neighbours; then ``mask <- sum_n aff_n mask_n``, ``num_iter`` times.

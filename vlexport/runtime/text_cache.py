@@ -1,7 +1,7 @@
 """The on-disk cache of class text embeddings, shared by the export-time bake and the runtime.
 
 Torch-free, so the runtime's text encoder (:mod:`vlexport.runtime.text_encoder`) and the export
-(:mod:`vlexport.models.text`, which re-exports :class:`TextEmbeddingCache`) read and write the
+(:mod:`vlexport.models.clip.text`, which re-exports :class:`TextEmbeddingCache`) read and write the
 same entries: a class embedded once, on either side, is not embedded again.
 """
 

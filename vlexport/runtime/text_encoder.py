@@ -4,7 +4,7 @@ For each class the bundle's prompt templates (``vocabulary.prompt_templates``) a
 the name, tokenised with the bundle's CLIP tokenizer (``text_tokenizer``, see
 :mod:`vlexport.runtime.clip_tokenizer`) and run through the ``text_encoder`` part (FP32, on
 onnxruntime by default); each prompt embedding is L2-normalised, the class embedding is their
-mean, normalised again: what :func:`vlexport.models.text.build_text_embeddings` computes with the
+mean, normalised again: what :func:`vlexport.models.clip.text.build_text_embeddings` computes with the
 PyTorch tower at export (the tests hold them to 1e-5).
 
 Embeddings are cached on disk in the export's own cache (:class:`~vlexport.runtime.text_cache.
@@ -42,7 +42,7 @@ _BATCH = 256  # prompts per text-encoder run
 
 
 def templates_file_id(templates: Sequence[str]) -> str:
-    """The templates id of a templates *file* (as :func:`vlexport.models.text.resolve_templates` names it)."""
+    """The templates id of a templates *file* (as :func:`vlexport.models.clip.text.resolve_templates` names it)."""
     digest = hashlib.sha256("\n".join(templates).encode("utf-8")).hexdigest()
     return f"file:{digest[:16]}"
 

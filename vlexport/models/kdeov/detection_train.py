@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlexport.errors import CheckpointError, SourceError, UsageError
-from vlexport.models.kdeov import KDEOVModel, folded_similarity, save_kdeov_checkpoint
+from vlexport.models.kdeov.model import KDEOVModel, folded_similarity, save_kdeov_checkpoint
 from vlexport.runtime.preprocess import letterbox
 
 __all__ = ["DetectionTrainOptions", "DetectionSample", "prepare_samples", "train_kdeov_detection", "train_kdeov_on_dataset",
@@ -605,10 +605,10 @@ def train_kdeov_on_dataset(
     split); by default every class of the dataset is trained. ``resume`` continues a checkpoint
     written by this function (its vocabulary, text tower and options are kept).
     """
-    from vlexport.calibration.datasets import load_detection_dataset
-    from vlexport.models.clip_towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
-    from vlexport.models.kdeov import KDEOV_PRESETS, build_kdeov, kdeov_checkpoint_extra
-    from vlexport.models.text import TextEmbeddingCache, build_text_embeddings, resolve_templates
+    from vlexport.data.detection import load_detection_dataset
+    from vlexport.models.clip.towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
+    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov, kdeov_checkpoint_extra
+    from vlexport.models.clip.text import TextEmbeddingCache, build_text_embeddings, resolve_templates
 
     dataset = load_detection_dataset(data, split=split)
     state = None

@@ -1,9 +1,9 @@
 """Feature-alignment distillation: train a KDEOV student against a frozen CLIP image tower.
 
 The student's pooled image embedding is pulled towards the teacher's embedding of the same
-image (:class:`~vlexport.models.losses.FeatureAlignmentLoss`), optionally also aligned with the
+image (:class:`~vlexport.models.common.losses.FeatureAlignmentLoss`), optionally also aligned with the
 text features of the batch's captions, and optionally regularised by DINO self-distillation
-against an EMA copy of itself (:class:`~vlexport.models.dino.DINODistillation`).
+against an EMA copy of itself (:class:`~vlexport.models.kdeov.dino.DINODistillation`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vlexport.calibration.readers import IMAGE_EXTENSIONS
+from vlexport.data.readers import IMAGE_EXTENSIONS
 from vlexport.errors import SourceError, UsageError
-from vlexport.models.dino import DINODistillation
-from vlexport.models.kdeov import KDEOVModel, save_kdeov_checkpoint
-from vlexport.models.losses import FeatureAlignmentLoss
+from vlexport.models.kdeov.dino import DINODistillation
+from vlexport.models.kdeov.model import KDEOVModel, save_kdeov_checkpoint
+from vlexport.models.common.losses import FeatureAlignmentLoss
 from vlexport.runtime.preprocess import letterbox
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "train_feature_alignment"]
@@ -139,7 +139,7 @@ def train_feature_alignment(
         model: the student; left in eval mode afterwards.
         dataloader: yields image tensors ``[B, 3, H, W]``, ``(images, text_features)`` pairs or
             dicts with ``images`` and optional ``text_features`` ``[B, D]`` (paired captions).
-        teacher: e.g. :class:`~vlexport.models.clip_towers.FrozenCLIPImageEncoder`, with
+        teacher: e.g. :class:`~vlexport.models.clip.towers.FrozenCLIPImageEncoder`, with
             ``embed_dim`` equal to the student's.
         steps: optimisation steps (>= 1).
         checkpoint_out: where to save the trained student (``vlexport.kdeov/1``), if given.
@@ -251,8 +251,8 @@ def train_kdeov_on_folder(
     """
     import dataclasses
 
-    from vlexport.models.clip_towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
-    from vlexport.models.kdeov import KDEOV_PRESETS, build_kdeov
+    from vlexport.models.clip.towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
+    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov
 
     if dino_weight < 0:
         raise UsageError(f"dino_weight must be >= 0, got {dino_weight}")
@@ -273,7 +273,7 @@ def train_kdeov_on_folder(
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
                                          drop_last=True, generator=torch.Generator().manual_seed(seed))
     dino = DINODistillation(model, weight=dino_weight) if dino_weight > 0 else None
-    from vlexport.models.kdeov_detection import text_tower_identity
+    from vlexport.models.kdeov.detection_train import text_tower_identity
 
     return train_feature_alignment(model, loader, teacher, steps=steps, lr=lr, checkpoint_out=out, dino=dino,
                                    record={"text_tower": text_tower_identity(text.loaded)})

@@ -186,7 +186,7 @@ def calibration_frames(
     model is never scored on the images that calibrated it. ``purpose`` names what the frames are
     for in messages (see :func:`parity_frames`).
     """
-    from vlexport.calibration.datasets import dataset_images, dataset_kind
+    from vlexport.data.detection import dataset_images, dataset_kind
 
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
         raise UsageError(f"the {purpose} image count must be a positive integer, got {count!r}")

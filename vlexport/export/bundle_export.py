@@ -420,7 +420,7 @@ def _search_fp16(plan: ExportPlan, writer: BundleWriter, parts_manifest: dict[st
 
 def _is_labelled(source: str) -> bool:
     """Whether ``--val`` is a labelled dataset (it gates INT8) or only images (parity only)."""
-    from vlexport.calibration.datasets import dataset_kind
+    from vlexport.data.detection import dataset_kind
 
     if dataset_kind(source) is None:
         log.warning("--val %s has no labels: the INT8 accuracy gate is skipped (pass a YOLO data.yaml/folder "
@@ -431,7 +431,7 @@ def _is_labelled(source: str) -> bool:
 
 def _calibration_set(plan: ExportPlan, prec: PrecisionOptions):
     """The calibration frames (the gate sets these images aside when it evaluates)."""
-    from vlexport.calibration.readers import calibration_frames
+    from vlexport.data.readers import calibration_frames
 
     calib = calibration_frames(prec.calib, prec.calib_size, seed=prec.calib_seed)
     log.info("calibration: %d image(s) from %s (sha256 %s…)", len(calib.frames), calib.source, calib.sha256[:12])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vlexport.errors import UsageError
-from vlexport.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from vlexport.models.common.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = ["HungarianMatcher"]
 

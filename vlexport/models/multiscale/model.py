@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.backbones import check_state_dict, load_checkpoint_file
+from vlexport.models.common.backbones import check_state_dict, load_checkpoint_file
 
 __all__ = [
     "RESNET_CHANNELS",

@@ -31,15 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlexport.errors import UsageError
-from vlexport.models.clip_towers import (
+from vlexport.models.clip.towers import (
     TINY,
     FrozenCLIPTextEncoder,
     LoadedCLIP,
     _export_safe_attention,
     load_clip_model,
 )
-from vlexport.models.pamr import PAMR
-from vlexport.models.text import (
+from vlexport.models.sclip.pamr import PAMR
+from vlexport.models.clip.text import (
     IMAGENET_TEMPLATES,
     SINGLE_TEMPLATE,
     TextEmbeddingCache,
@@ -88,7 +88,7 @@ class SCLIPConfig:
         image_size / patch_size: the ViT's native input size and patch size (informational;
             the positional table is read from the model).
         clip_activation: the towers' MLP activation: ``"auto"`` (from the weights' provenance, see
-            :func:`~vlexport.models.clip_towers.resolve_activation`), ``"quickgelu"`` or ``"gelu"``.
+            :func:`~vlexport.models.clip.towers.resolve_activation`), ``"quickgelu"`` or ``"gelu"``.
         logit_scale: SCLIP's constant temperature (not CLIP's learnt one).
         slide_crop / slide_stride: sliding-window size and stride; ``slide_crop=0`` runs the whole image.
         pamr_steps / pamr_dilations: PAMR iterations (0: off, SCLIP's released configs) and dilations.

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.backbones import check_state_dict, load_checkpoint_file
-from vlexport.models.detr import _BLOCKS_TO_RESNET, DETRConfig, DETRModel, build_detr
+from vlexport.models.common.backbones import check_state_dict, load_checkpoint_file
+from vlexport.models.detr.model import _BLOCKS_TO_RESNET, DETRConfig, DETRModel, build_detr
 
 __all__ = ["DETRCheckpointReport", "detr_config_from_state_dict", "load_detr_checkpoint", "detr_state_dict_summary"]
 

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from vlexport.errors import UsageError
-from vlexport.models.clip_towers import FrozenCLIPTextEncoder
+from vlexport.models.clip.towers import FrozenCLIPTextEncoder
 from vlexport.runtime.text_cache import TextEmbeddingCache  # torch-free: the runtime shares it
 
 logger = logging.getLogger(__name__)

@@ -33,10 +33,10 @@ from torch import nn
 
 from vlexport.atomic import atomic_write
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.backbones import LightweightVisualBackbone, check_state_dict, load_checkpoint_file
+from vlexport.models.common.backbones import LightweightVisualBackbone, check_state_dict, load_checkpoint_file
 
 if TYPE_CHECKING:  # the CLIP towers are only needed when text is encoded
-    from vlexport.models.clip_towers import FrozenCLIPTextEncoder
+    from vlexport.models.clip.towers import FrozenCLIPTextEncoder
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -260,7 +260,7 @@ class KDEOVConfig:
         clip_model, clip_pretrained: the CLIP towers the student is aligned to (open_clip model
             name or ``"tiny"``; pretrained tag, weights path, or None for seeded random weights).
         clip_activation: the towers' MLP activation, ``"auto"`` (from the weights' provenance),
-            ``"quickgelu"`` or ``"gelu"`` (see :func:`~vlexport.models.clip_towers.resolve_activation`).
+            ``"quickgelu"`` or ``"gelu"`` (see :func:`~vlexport.models.clip.towers.resolve_activation`).
     """
 
     backbone: str = "yolov8n"

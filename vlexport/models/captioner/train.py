@@ -98,7 +98,7 @@ def _from_jsonl(path: Path) -> list[CaptionSample]:
 
 
 def _from_yolo(path: Path) -> list[CaptionSample]:
-    from vlexport.calibration.datasets import load_detection_dataset
+    from vlexport.data.detection import load_detection_dataset
 
     ds = load_detection_dataset(str(path))
     samples = []
@@ -142,7 +142,7 @@ def _boxes_in_crop(boxes: list[tuple[int, float, float, float, float]], info: An
 def make_batch(samples: list[CaptionSample], tokenizer: Any, size: int, mean: tuple[float, ...],
                std: tuple[float, ...], eos_token_id: int, max_tokens: int = 40) -> CaptionBatch:
     """Pre-process images (the runtime's way), tokenize captions (+ end token), map boxes into the crop."""
-    from vlexport.calibration.readers import read_image
+    from vlexport.data.readers import read_image
     from vlexport.runtime.tasks.caption import clip_preprocess
 
     images, ids, targets = [], [], []

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from vlexport.calibration.datasets import DetectionDataset, category_id, to_coco_gt
-from vlexport.calibration.readers import read_image
+from vlexport.data.detection import DetectionDataset, category_id, to_coco_gt
+from vlexport.data.readers import read_image
 from vlexport.errors import DependencyError, SourceError, UsageError
 
 __all__ = ["DetectionMetrics", "evaluate_detector", "evaluate_predictions", "coco_evaluate", "class_mapping"]

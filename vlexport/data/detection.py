@@ -21,7 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from vlexport.calibration.readers import IMAGE_EXTENSIONS, list_images
+from vlexport.data.readers import IMAGE_EXTENSIONS, list_images
 from vlexport.errors import SourceError, UsageError
 
 __all__ = [

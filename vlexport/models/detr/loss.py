@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlexport.errors import UsageError
-from vlexport.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from vlexport.models.matcher import HungarianMatcher
+from vlexport.models.common.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from vlexport.models.common.matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "detr_weight_dict", "sigmoid_focal_loss", "dice_loss"]
 

@@ -13,7 +13,7 @@ Design (image -> ``num_queries`` prefix tokens for the caption decoder):
 3. **Reference points.** Learned query embeddings, shifted by a projection of the CLS feature so
    that the queries depend on the image, are mapped by Linear + sigmoid to one (x, y) point each.
 4. **Deformable cross-attention layers.** Each query samples a few points around its reference
-   point on every level (:class:`~vlexport.models.deformable.MultiScaleDeformableAttention`), then
+   point on every level (:class:`~vlexport.models.captioner.deformable.MultiScaleDeformableAttention`), then
    an FFN; both post-norm residual blocks. A final linear layer gives the prefix tokens.
 
 Everything exports to standard ONNX operators (GridSample for the sampling, opset 16+).
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from vlexport.errors import UsageError
-from vlexport.models.clip_towers import _export_safe_attention, load_clip_model
-from vlexport.models.deformable import MultiScaleDeformableAttention
+from vlexport.models.clip.towers import _export_safe_attention, load_clip_model
+from vlexport.models.captioner.deformable import MultiScaleDeformableAttention
 
 __all__ = ["MultiScaleCLIPEncoder", "tap_indices", "NUM_LEVELS"]
 
@@ -108,7 +108,7 @@ class MultiScaleCLIPEncoder(nn.Module):
     """CLIP-normalised images ``[B, 3, S, S]`` -> prefix tokens ``[B, num_queries, embed_size]``.
 
     See the module docstring for the design. The vision tower comes from
-    :func:`~vlexport.models.clip_towers.load_clip_model`, which returns a model shared by every user
+    :func:`~vlexport.models.clip.towers.load_clip_model`, which returns a model shared by every user
     in the process: with ``freeze_vision=True`` it is used as is (frozen, always in eval mode; moving
     this encoder to another device moves the shared tower too); with ``freeze_vision=False`` a private
     deep copy is made trainable, so training never changes the shared model.

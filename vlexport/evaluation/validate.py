@@ -22,13 +22,13 @@ def validate_bundle(bundle_path: str | os.PathLike, data: str, *, precisions: li
 
     bundle = Bundle.open(bundle_path)
     if bundle.task == "detect":
-        from vlexport.calibration.datasets import load_detection_dataset
-        from vlexport.calibration.evaluate import evaluate_detector
+        from vlexport.data.detection import load_detection_dataset
+        from vlexport.evaluation.detection import evaluate_detector
 
         part, load_data, evaluate, options = "detector", load_detection_dataset, evaluate_detector, \
             {"score_threshold": 0.001, "max_detections": 300}
     elif bundle.task == "segment":
-        from vlexport.calibration.segmentation import evaluate_segmenter, load_segmentation_dataset
+        from vlexport.evaluation.segmentation import evaluate_segmenter, load_segmentation_dataset
 
         part, load_data, evaluate, options = "segmenter", load_segmentation_dataset, evaluate_segmenter, {}
     else:

@@ -25,7 +25,7 @@ from torch import nn
 from vlexport.errors import UsageError
 
 if TYPE_CHECKING:
-    from vlexport.models.kdeov import KDEOVModel
+    from vlexport.models.kdeov.model import KDEOVModel
 
 __all__ = [
     "DINOLoss",

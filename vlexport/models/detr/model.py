@@ -30,9 +30,9 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.backbones import check_state_dict, load_checkpoint_file
-from vlexport.models.box_ops import box_cxcywh_to_xyxy
-from vlexport.models.layers import MLP
+from vlexport.models.common.backbones import check_state_dict, load_checkpoint_file
+from vlexport.models.common.box_ops import box_cxcywh_to_xyxy
+from vlexport.models.common.layers import MLP
 from vlexport.runtime.detr_preprocess import IMAGENET_MEAN, IMAGENET_STD, detr_resize_size
 
 __all__ = [

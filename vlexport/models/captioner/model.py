@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.gpt2 import GPT2_PRESETS, GPT2Config, GPT2LMHeadModel, empty_cache
-from vlexport.models.layers import MLP
+from vlexport.models.captioner.gpt2 import GPT2_PRESETS, GPT2Config, GPT2LMHeadModel, empty_cache
+from vlexport.models.common.layers import MLP
 
 log = logging.getLogger("vlexport")
 
@@ -127,8 +127,8 @@ class CLIPCaptioner(nn.Module):
 
     def region_losses(self, out: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Hungarian-matched L1 + GIoU on boxes, BCE on objectness (matched = 1), CE on matched classes."""
-        from vlexport.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-        from vlexport.models.matcher import HungarianMatcher
+        from vlexport.models.common.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+        from vlexport.models.common.matcher import HungarianMatcher
 
         b, q, _ = out["boxes"].shape
         # The matcher scores classes by softmax probability; the objectness logit stands in for "no object".
@@ -247,7 +247,7 @@ def build_captioner(preset: str | CaptionerConfig = "tiny", *, gpt2_config: GPT2
     ``gpt2_config`` builds a randomly initialised GPT-2 of that exact shape instead of the preset's.
     The CLIP tower follows ``clip_pretrained`` (random with a loud warning when unreachable).
     """
-    from vlexport.models.caption_encoder import MultiScaleCLIPEncoder
+    from vlexport.models.captioner.encoder import MultiScaleCLIPEncoder
 
     if isinstance(preset, str):
         if preset not in CAPTIONER_PRESETS:

@@ -27,8 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from vlexport.calibration.datasets import YAML_SUFFIXES, _read_yaml
-from vlexport.calibration.readers import IMAGE_EXTENSIONS, read_image
+from vlexport.data.detection import YAML_SUFFIXES, _read_yaml
+from vlexport.data.readers import IMAGE_EXTENSIONS, read_image
 from vlexport.errors import SourceError, UsageError
 
 __all__ = [
@@ -375,7 +375,7 @@ def evaluate_segmenter(
     every scored pixel it covers. mIoU averages the scored classes that occur in the prediction
     or the ground truth.
     """
-    from vlexport.calibration.evaluate import evaluation_inputs
+    from vlexport.evaluation.detection import evaluation_inputs
 
     t0 = time.perf_counter()
     dataset, classes = evaluation_inputs(task, dataset, max_images, "segmenter", "labels")
