@@ -44,3 +44,7 @@ class ExportError(VlexportError):
 
 class WeightsUnavailableError(VlexportError):
     """Pretrained weights cannot be found locally nor downloaded."""
+
+
+class EagerRebuildError(VlexportError):
+    """A bundle's eager PyTorch model cannot be rebuilt from its manifest (a missing extra, an old config)."""

@@ -303,3 +303,19 @@ def export_captioner(opts: CaptionerExportOptions) -> ExportReport:
         precision.val = None
     plan = build_plan(opts)
     return write_bundle(plan, opts.out, precision=precision, opset=opts.opset, overwrite=opts.overwrite)
+
+
+# -- eager rebuild (vlexport bench) -----------------------------------------------------------
+def eager_parts(bundle: Any) -> dict[str, torch.nn.Module]:
+    """The ``encoder`` and ``decoder`` parts of an opened captioner bundle as eval-mode eager modules.
+
+    Random CLIP and GPT-2 weights (the same latency), shaped by the manifest's configs.
+    """
+    from vlexport.export.eager import config_from_dict, config_from_manifest
+    from vlexport.models.captioner.gpt2 import GPT2Config
+    from vlexport.models.captioner.model import CaptionDecoderStep, CaptionEncoderGraph, CaptionerConfig, build_captioner
+
+    config = config_from_manifest(CaptionerConfig, bundle, clip_pretrained=None, gpt2_weights=None)
+    gpt2 = config_from_dict(GPT2Config, (bundle.manifest.get("model") or {}).get("gpt2") or {})
+    captioner = build_captioner(config, gpt2_config=gpt2).eval()
+    return {"encoder": CaptionEncoderGraph(captioner).eval(), "decoder": CaptionDecoderStep(captioner.gpt2).eval()}

@@ -441,3 +441,13 @@ def export_detr(opts: DETRExportOptions) -> ExportReport:
     precision.check()  # before the slow model loading
     plan = build_plan(opts)
     return write_bundle(plan, opts.out, precision=precision, opset=opts.opset, overwrite=opts.overwrite)
+
+
+# -- eager rebuild (vlexport bench) -----------------------------------------------------------
+def eager_parts(bundle: Any) -> dict[str, nn.Module]:
+    """The ``detector`` part (with the official post-process) of an opened DETR bundle, eval mode."""
+    from vlexport.export.eager import config_from_manifest
+    from vlexport.models.detr.model import DETRConfig, build_detr
+
+    config = config_from_manifest(DETRConfig, bundle)
+    return {"detector": DetectorGraph(build_detr(config).eval(), bool(config.masks)).eval()}

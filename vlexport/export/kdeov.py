@@ -420,3 +420,22 @@ def export_kdeov(opts: KDEOVExportOptions) -> ExportReport:
     precision.check()  # before the slow model loading
     plan = build_plan(opts)
     return write_bundle(plan, opts.out, precision=precision, opset=opts.opset, overwrite=opts.overwrite)
+
+
+# -- eager rebuild (vlexport bench) -----------------------------------------------------------
+def eager_parts(bundle: Any) -> dict[str, nn.Module]:
+    """The ``detector`` part of an opened KDEOV bundle as an eval-mode eager module, random weights.
+
+    The vocabulary is the bundle's (baked or fed as an input, as exported). Raises
+    :class:`~vlexport.errors.EagerRebuildError` when the backbone cannot be built here.
+    """
+    from vlexport.errors import EagerRebuildError
+    from vlexport.export.eager import manifest_model_config
+    from vlexport.models.kdeov.model import KDEOVConfig, build_kdeov
+
+    config = KDEOVConfig.from_dict(manifest_model_config(bundle))
+    model = build_kdeov(config)
+    if model.backbone.name != config.backbone:
+        raise EagerRebuildError(f"the {config.backbone} backbone needs ultralytics (pip install ultralytics)")
+    baked = (bundle.manifest.get("vocabulary") or {}).get("mode", "baked") == "baked"
+    return {"detector": DetectorGraph(model, bundle.load_vocab()["embeddings"], baked).eval()}

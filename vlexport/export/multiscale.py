@@ -272,3 +272,17 @@ def export_multiscale(opts: MultiScaleExportOptions) -> ExportReport:
     for note in plan.warnings:
         log.warning("WARNING: %s", note)
     return write_bundle(plan, opts.out, precision=opts.precision, opset=opts.opset, overwrite=opts.overwrite)
+
+
+# -- eager rebuild (vlexport bench) -----------------------------------------------------------
+def eager_parts(bundle: Any) -> dict[str, torch.nn.Module]:
+    """The ``segmenter`` part of an opened multi-scale bundle as an eval-mode eager module."""
+    from vlexport.export.eager import manifest_model_config
+    from vlexport.models.multiscale.model import MULTISCALE_PRESETS, build_multiscale
+
+    cfg = manifest_model_config(bundle)
+    fusion = cfg.pop("fusion", "absi")
+    preset = bundle.manifest.get("preset")
+    # Every config field is passed, so the preset only has to exist.
+    preset = preset if preset in MULTISCALE_PRESETS else next(iter(MULTISCALE_PRESETS))
+    return {"segmenter": build_multiscale(preset, fusion, **cfg).eval()}

@@ -189,3 +189,24 @@ def export_sclip(opts: SCLIPExportOptions) -> ExportReport:
     precision.check()
     plan = build_plan(opts)
     return write_bundle(plan, opts.out, precision=precision, opset=opts.opset, overwrite=opts.overwrite)
+
+
+# -- eager rebuild (vlexport bench) -----------------------------------------------------------
+def eager_parts(bundle: Any) -> dict[str, torch.nn.Module]:
+    """The ``segmenter`` part (crops -> logits) of an opened SCLIP bundle as an eval-mode eager module.
+
+    Random CLIP weights (the same latency) with the activation the bundle was exported with, and
+    the bundle's vocabulary embeddings.
+    """
+    from vlexport.export.eager import config_from_dict, manifest_model_config
+    from vlexport.models.clip.towers import load_clip_model
+    from vlexport.models.sclip.model import SCLIPConfig, SCLIPSegmenter
+
+    data = manifest_model_config(bundle)
+    legacy = data.pop("quick_gelu", None)  # bundles from before the loader decided the activation
+    tower = (bundle.manifest.get("provenance") or {}).get("text_encoder") or {}
+    activation = tower.get("activation") or ("quickgelu" if legacy else "auto")
+    config = config_from_dict(SCLIPConfig, {**data, "clip_pretrained": None, "clip_activation": activation})
+    seg = SCLIPSegmenter(load_clip_model(config.clip_model, None, activation=activation, allow_random=True), config)
+    seg.text_embeddings = torch.from_numpy(np.ascontiguousarray(bundle.load_vocab()["embeddings"], np.float32))
+    return {"segmenter": seg.crop_part().eval()}

@@ -150,3 +150,33 @@ def export_yolo(opts: YoloExportOptions) -> ExportReport:
     """Build the plan and write the bundle (see :func:`write_bundle`)."""
     plan = build_plan(opts)
     return write_bundle(plan, opts.out, precision=opts.precision, opset=opts.opset, overwrite=opts.overwrite)
+
+
+# -- eager rebuild (vlexport bench) -----------------------------------------------------------
+def eager_parts(bundle: Any) -> dict[str, nn.Module]:
+    """The ``detector`` part of an opened YOLO bundle as an eval-mode eager module.
+
+    A head with another class count than the architecture's own needs the checkpoint it was
+    exported from; without it (or without ultralytics) this raises
+    :class:`~vlexport.errors.EagerRebuildError`.
+    """
+    from vlexport.errors import EagerRebuildError
+    from vlexport.models.common.backbones import LightweightVisualBackbone
+
+    model = bundle.manifest.get("model") or {}
+    provenance = bundle.manifest.get("provenance") or {}
+    arch = model.get("arch") or provenance.get("arch") or bundle.manifest.get("preset")
+    backbone = LightweightVisualBackbone(arch)
+    if backbone.name != arch:
+        raise EagerRebuildError(f"rebuilding {arch} needs ultralytics (pip install ultralytics)")
+    classes = model.get("num_classes")
+    if classes is not None and backbone.num_source_classes != classes:
+        # The class branch is as wide as the checkpoint's class list: only the checkpoint knows it.
+        ckpt = provenance.get("checkpoint")
+        if not ckpt or not Path(ckpt).is_file():
+            raise EagerRebuildError(f"the {classes}-class {arch} head needs its checkpoint, and {ckpt} no longer exists")
+        try:
+            backbone = LightweightVisualBackbone(arch, checkpoint=ckpt)
+        except CheckpointError as e:
+            raise EagerRebuildError(f"cannot rebuild the {classes}-class {arch} head from {ckpt}: {e}") from e
+    return {"detector": YoloDetectorGraph(backbone.eval()).eval()}
