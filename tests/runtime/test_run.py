@@ -144,6 +144,8 @@ def test_ctrl_c_closes_the_outputs_complete_and_writes_the_stats(det_bundle, car
                                    save={str(out)!r}, jsonl={str(js)!r}, stats_json={str(stats_json)!r},
                                    threads=1, progress=False))
         except KeyboardInterrupt as e:
+            import sys
+            assert "torch" not in sys.modules, "the run path pulled in torch"
             print("interrupted", e.stats.processed)
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

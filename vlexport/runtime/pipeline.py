@@ -21,9 +21,9 @@ benchmarks compare this with a sequential loop):
   flight waits there (later frames keep flowing through inference) until the job's result comes
   back, so every result is attached to the frame it was computed on, in frame order.
 
-Statistics (:class:`~vlexport.runtime.stats.PipelineStats`, in ``stats.py``): frames read, processed and dropped, FPS, and p50/p90/p99
-latencies of decode, pre-process, inference, post-process and end to end (acquisition to the
-result leaving the output stage).
+Statistics (:class:`~vlexport.runtime.stats.PipelineStats`, in ``stats.py``): frames read,
+processed and dropped, FPS, and p50/p90/p99 latencies of decode, pre-process, inference,
+post-process and end to end (acquisition to the result leaving the output stage).
 """
 
 from __future__ import annotations

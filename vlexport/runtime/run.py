@@ -103,7 +103,8 @@ class RunRequest:
         if self.bundle is not None:
             main = Bundle.open(self.bundle)
             if main.task not in ROLES:
-                raise UsageError(f"{self.bundle} is a {main.task} bundle; `run` takes detect, segment and caption bundles")
+                raise UsageError(f"{self.bundle} is a {main.task} bundle; "
+                                 "`run` takes detect, segment and caption bundles")
             if paths[main.task] is not None:
                 raise UsageError(f"two {main.task} bundles: {self.bundle} and --{main.task} {paths[main.task]}")
             paths[main.task] = Path(self.bundle)

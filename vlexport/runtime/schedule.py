@@ -1,12 +1,14 @@
 """Running a slow task beside a stream without holding it up (captioning every N seconds).
 
-A :class:`BackgroundTask` owns a one-worker :class:`~concurrent.futures.ThreadPoolExecutor`. The stream loop :meth:`~BackgroundTask.offer`\\ s
-every frame; when the task is due (``every_s`` seconds of frame time or ``every_frames`` frames
-since the last job started) and the worker is idle, the frame is handed over and the loop goes
+A :class:`BackgroundTask` owns a one-worker :class:`~concurrent.futures.ThreadPoolExecutor`.
+The stream loop :meth:`~BackgroundTask.offer`\\ s every frame; when the task is due
+(``every_s`` seconds of frame time or ``every_frames`` frames since the last job started) and
+the worker is idle, the frame is handed over and the loop goes
 on at once. :meth:`~BackgroundTask.poll` returns a finished result (with the frame it was computed
 on) the next time the loop asks. A due frame that arrives while the worker is busy is not
 queued: the next due frame after the worker frees up is taken instead, so results are never about
-stale frames (``offer(..., block=True)`` waits instead, for files whose schedule must hold exactly). onnxruntime releases the GIL while it runs, so the worker computes in parallel.
+stale frames (``offer(..., block=True)`` waits instead, for files whose schedule must hold
+exactly). onnxruntime releases the GIL while it runs, so the worker computes in parallel.
 """
 
 from __future__ import annotations
