@@ -14,7 +14,9 @@ from conftest import write_bundle
 
 import vlexport.runtime as vr
 from vlexport.errors import OutputError, SourceError, UsageError
-from vlexport.runtime.sinks import Frame, JsonlSink, VideoSink, open_source, run_on_source
+from vlexport.runtime.run import run_on_source
+from vlexport.runtime.sinks import JsonlSink, VideoSink
+from vlexport.runtime.sources import Frame, open_source
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ benchmarks compare this with a sequential loop):
   flight waits there (later frames keep flowing through inference) until the job's result comes
   back, so every result is attached to the frame it was computed on, in frame order.
 
-Statistics (:class:`PipelineStats`): frames read, processed and dropped, FPS, and p50/p90/p99
-latencies of decode, pre-process, inference, post-process and end to end (acquisition to the
-result leaving the output stage).
+Statistics (:class:`~vlexport.runtime.stats.PipelineStats`, in ``stats.py``): frames read,
+processed and dropped, FPS, and p50/p90/p99 latencies of decode, pre-process, inference,
+post-process and end to end (acquisition to the result leaving the output stage).
 """
 
 from __future__ import annotations
@@ -34,17 +34,23 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from vlexport.errors import UsageError
+from vlexport.runtime.results import FrameResult
 from vlexport.runtime.schedule import BackgroundTask
+from vlexport.runtime.stats import PipelineStats
 
 log = logging.getLogger("vlexport")
 
-__all__ = ["Pipeline", "TaskSlot", "FrameResult", "PipelineStats", "task_kind"]
+# FrameResult (results.py) and PipelineStats (stats.py) are re-exported: this is where users meet them.
+__all__ = ["Pipeline", "TaskSlot", "FrameResult", "PipelineStats", "task_kind", "role_slots", "ROLES"]
+
+#: The task roles of a stream, in the order their slots run.
+ROLES = ("detect", "segment", "caption")
 
 _STAGES = ("decode", "preprocess", "infer", "postprocess", "end_to_end")
 _TASK_STAGES = ("preprocess", "infer", "postprocess")
@@ -61,15 +67,22 @@ def task_kind(task: Any) -> str:
 
 @dataclass
 class TaskSlot:
-    """One task on the stream: every frame (``every_frames=1``), every k frames, or every N seconds."""
+    """One task on the stream: every frame (``every_frames=1``), every k frames, or every N seconds.
+
+    ``kind`` (detect, segment or caption: the method called) is found from the task when not given.
+    """
 
     name: str
     task: Any
     every_frames: int | None = 1
     every_s: float | None = None
+    kind: str | None = None
 
     def __post_init__(self) -> None:
-        self.kind = task_kind(self.task)
+        if self.kind is None:
+            self.kind = task_kind(self.task)
+        elif not callable(getattr(self.task, self.kind, None)):
+            raise UsageError(f"task {self.name!r}: {type(self.task).__name__} has no {self.kind} method")
         if self.every_s is not None:
             self.every_frames = None
         if self.every_frames is None and self.every_s is None:
@@ -85,92 +98,19 @@ class TaskSlot:
         return self.every_frames == 1
 
 
-@dataclass
-class FrameResult:
-    """One frame leaving the pipeline.
-
-    ``results`` holds what was computed on this very frame (task name → Detections,
-    Segmentation or Caption); ``latest`` the most recent result of every task at this point of
-    the stream (what an overlay shows); ``timings`` the frame's stage latencies in ms.
-    """
-
-    frame: Any
-    results: dict[str, Any]
-    latest: dict[str, Any]
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def index(self) -> int:
-        return int(self.frame.index)
-
-    def record(self) -> dict[str, Any]:
-        """The JSONL record: index, timestamps, source, then each task's result that ran on this frame
-        (``detections``, ``segmentation``, ``caption``; a custom task under its own name)."""
-        rec: dict[str, Any] = {**self.frame.stamp.to_dict(), "source": self.frame.source}
-        for name, result in self.results.items():
-            rec[_RECORD_KEYS.get(name, name)] = _result_fields(result)
-        return rec
-
-
-_STAMP_KEYS = ("frame", "t_monotonic", "t_wall")
-_RECORD_KEYS = {"detect": "detections", "segment": "segmentation", "caption": "caption"}
-
-
-def _result_fields(result: Any) -> Any:
-    kind = type(result).__name__
-    if kind == "Detections":
-        return result.records()
-    fields = {k: v for k, v in result.to_dict().items() if k not in _STAMP_KEYS}
-    if kind == "Caption":
-        fields = {"text": fields.pop("caption"), **fields}
-    return fields
-
-
-@dataclass
-class PipelineStats:
-    """What a run did (see the module docstring); ``to_dict`` is its JSON form."""
-
-    read: int = 0
-    processed: int = 0
-    dropped: int = 0
-    skipped: int = 0
-    reconnects: int = 0
-    seconds: float = 0.0
-    interrupted: bool = False
-    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
-    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def frames(self) -> int:  # the name RunStats users know
-        return self.processed
-
-    @property
-    def fps(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"frames_read": self.read, "frames_processed": self.processed, "frames_dropped": self.dropped,
-                "skipped": self.skipped, "reconnects": self.reconnects, "seconds": round(self.seconds, 4),
-                "fps": round(self.fps, 2), "interrupted": self.interrupted, "latency_ms": self.latency_ms,
-                "tasks": self.tasks}
-
-    def summary(self) -> str:
-        """A few lines for the console."""
-        head = (f"{self.processed} frames processed in {self.seconds:.2f}s ({self.fps:.1f} FPS); "
-                f"read {self.read}, dropped {self.dropped}")
-        if self.skipped:
-            head += f", {self.skipped} unreadable skipped"
-        if self.reconnects:
-            head += f", {self.reconnects} reconnect(s)"
-        if self.interrupted:
-            head += "; interrupted"
-        lines = [head]
-        for stage, p in self.latency_ms.items():
-            lines.append(f"  {stage:<12} p50 {p['p50']:8.1f}  p90 {p['p90']:8.1f}  p99 {p['p99']:8.1f} ms")
-        for name, t in self.tasks.items():
-            lines.append(f"  task {name}: ran {t['runs']}x" + (f", {t['skipped_busy']} due frame(s) passed over while "
-                                                                "busy" if t.get("skipped_busy") else ""))
-        return "\n".join(lines)
+def role_slots(detect: Any = None, segment: Any = None, caption: Any = None, *, segment_every: int = 1,
+               caption_every_s: float | None = 2.0, caption_every_frames: int | None = None) -> list[TaskSlot]:
+    """The slots of the three roles: detect every frame, segment every ``segment_every`` frames,
+    caption every ``caption_every_frames`` frames when given, else every ``caption_every_s`` seconds."""
+    slots = []
+    if detect is not None:
+        slots.append(TaskSlot("detect", detect, kind="detect"))
+    if segment is not None:
+        slots.append(TaskSlot("segment", segment, every_frames=segment_every, kind="segment"))
+    if caption is not None:
+        slots.append(TaskSlot("caption", caption, every_frames=caption_every_frames,
+                              every_s=None if caption_every_frames else caption_every_s, kind="caption"))
+    return slots
 
 
 def latency_percentiles(values: Sequence[float], decimals: int = 3) -> dict[str, float]:
@@ -248,7 +188,7 @@ class Pipeline:
         tasks: extra or explicit :class:`TaskSlot` s; ``detect``/``segment``/``caption`` are shortcuts
             (detect every frame, segment every ``segment_every`` frames, caption every
             ``caption_every_s`` seconds of acquisition time or every ``caption_every_frames``).
-        sinks: objects with ``write(FrameResult)`` and ``close()``/``abort()`` (see ``video.py``).
+        sinks: objects with ``write(FrameResult)`` and ``close()``/``abort()`` (see ``sinks.py``).
         on_result: called with each :class:`FrameResult` on the output thread.
         tracker: an object with ``update(Detections) -> Detections`` applied to ``detect`` results.
         max_frames: stop after this many frames.
@@ -261,14 +201,11 @@ class Pipeline:
                  tasks: list[TaskSlot] | None = None, sinks: list[Any] | None = None,
                  on_result: Callable[[FrameResult], None] | None = None, tracker: Any = None,
                  max_frames: int | None = None, prefetch: int = 4, max_pending: int = 256):
-        slots = list(tasks or [])
-        if detect is not None:
-            slots.insert(0, TaskSlot("detect", detect))
-        if segment is not None:
-            slots.append(TaskSlot("segment", segment, every_frames=segment_every))
-        if caption is not None:
-            slots.append(TaskSlot("caption", caption, every_frames=caption_every_frames,
-                                  every_s=None if caption_every_frames else caption_every_s))
+        shortcuts = role_slots(detect, segment, caption, segment_every=segment_every,
+                               caption_every_s=caption_every_s, caption_every_frames=caption_every_frames)
+        # detect runs first, before explicit slots; segment and caption come after them
+        head = [s for s in shortcuts if s.name == "detect"]
+        slots = head + list(tasks or []) + [s for s in shortcuts if s.name != "detect"]
         if not slots:
             raise UsageError("a pipeline needs at least one task (detect, segment or caption)")
         names = [s.name for s in slots]

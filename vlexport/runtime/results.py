@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FrameStamp", "Detections", "Embedding", "Caption"]
+__all__ = ["FrameStamp", "Detections", "Embedding", "Caption", "FrameResult"]
 
 _DECIMALS = 2  # JSON pixel coordinates: centi-pixels are plenty
 _SCORE_DECIMALS = 4
@@ -224,3 +224,44 @@ class Caption:
         if self.boxes is not None:
             out["regions"] = self.regions()
         return out
+
+
+@dataclass
+class FrameResult:
+    """One frame leaving the pipeline.
+
+    ``results`` holds what was computed on this very frame (task name → Detections,
+    Segmentation or Caption); ``latest`` the most recent result of every task at this point of
+    the stream (what an overlay shows); ``timings`` the frame's stage latencies in ms.
+    """
+
+    frame: Any
+    results: dict[str, Any]
+    latest: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def index(self) -> int:
+        return int(self.frame.index)
+
+    def record(self) -> dict[str, Any]:
+        """The JSONL record: index, timestamps, source, then each task's result that ran on this frame
+        (``detections``, ``segmentation``, ``caption``; a custom task under its own name)."""
+        rec: dict[str, Any] = {**self.frame.stamp.to_dict(), "source": self.frame.source}
+        for name, result in self.results.items():
+            rec[_RECORD_KEYS.get(name, name)] = _result_fields(result)
+        return rec
+
+
+_STAMP_KEYS = ("frame", "t_monotonic", "t_wall")
+_RECORD_KEYS = {"detect": "detections", "segment": "segmentation", "caption": "caption"}
+
+
+def _result_fields(result: Any) -> Any:
+    kind = type(result).__name__
+    if kind == "Detections":
+        return result.records()
+    fields = {k: v for k, v in result.to_dict().items() if k not in _STAMP_KEYS}
+    if kind == "Caption":
+        fields = {"text": fields.pop("caption"), **fields}
+    return fields

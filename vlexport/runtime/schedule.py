@@ -1,18 +1,21 @@
 """Running a slow task beside a stream without holding it up (captioning every N seconds).
 
-A :class:`BackgroundTask` owns one worker thread. The stream loop :meth:`~BackgroundTask.offer`\\ s
-every frame; when the task is due (``every_s`` seconds of frame time or ``every_frames`` frames
-since the last job started) and the worker is idle, the frame is handed over and the loop goes
+A :class:`BackgroundTask` owns a one-worker :class:`~concurrent.futures.ThreadPoolExecutor`.
+The stream loop :meth:`~BackgroundTask.offer`\\ s every frame; when the task is due
+(``every_s`` seconds of frame time or ``every_frames`` frames since the last job started) and
+the worker is idle, the frame is handed over and the loop goes
 on at once. :meth:`~BackgroundTask.poll` returns a finished result (with the frame it was computed
 on) the next time the loop asks. A due frame that arrives while the worker is busy is not
 queued: the next due frame after the worker frees up is taken instead, so results are never about
-stale frames (``offer(..., block=True)`` waits instead, for files whose schedule must hold exactly). onnxruntime releases the GIL while it runs, so the worker computes in parallel.
+stale frames (``offer(..., block=True)`` waits instead, for files whose schedule must hold
+exactly). onnxruntime releases the GIL while it runs, so the worker computes in parallel.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +36,7 @@ class BackgroundResult:
 
 
 class BackgroundTask:
-    """Runs ``fn(image, stamp)`` on a worker thread, at most one job at a time, on a schedule."""
+    """Runs ``fn(image, stamp)`` on a one-worker thread pool, at most one job at a time, on a schedule."""
 
     def __init__(self, fn: Callable[[np.ndarray, Any], Any], *, every_s: float | None = None,
                  every_frames: int | None = None, name: str = "background"):
@@ -46,16 +49,16 @@ class BackgroundTask:
         self.fn, self.every_s, self.every_frames, self.name = fn, every_s, every_frames, name
         self._last_start_t: float | None = None
         self._last_start_index: int | None = None
+        # _busy is cleared by the job's done-callback, after its result is stored: "not busy" then
+        # always means "the result (or error) is there for poll()", which a bare Future.done() is not.
         self._cond = threading.Condition()
-        self._job: tuple[int, np.ndarray, Any] | None = None
+        self._future: Future | None = None
         self._done: list[BackgroundResult] = []
         self._error: BaseException | None = None
         self._busy = False
-        self._closed = False
         self.started = 0
         self.skipped_busy = 0  # due frames passed over because the worker was still busy
-        self._thread = threading.Thread(target=self._work, name=f"vlexport-{name}", daemon=True)
-        self._thread.start()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vlexport-{name}")
 
     def _due(self, index: int, t: float) -> bool:
         if self._last_start_index is None:
@@ -77,18 +80,29 @@ class BackgroundTask:
         with self._cond:
             if self._busy and block:
                 self._cond.wait_for(lambda: not self._busy or self._error is not None)
-                if self._error is not None:
-                    err, self._error = self._error, None
-                    raise err
+                self._raise_error()
             if self._busy:
                 self.skipped_busy += 1
                 return False
             self._busy = True
-            self._job = (index, image.copy(), stamp)  # the caller may reuse its buffer
             self._last_start_index, self._last_start_t = index, t
             self.started += 1
-            self._cond.notify_all()
+            # a copy: the caller may reuse its buffer
+            future = self._pool.submit(self.fn, image.copy(), stamp)
+            self._future = future
+        future.add_done_callback(lambda f: self._finished(f, index, stamp))
         return True
+
+    def _finished(self, future: Future, index: int, stamp: Any) -> None:
+        """Done-callback (on the worker, or here if the job already ended): store the result or the error."""
+        error = None if future.cancelled() else future.exception()
+        with self._cond:
+            if error is not None:  # surfaced in the stream loop by the next offer/poll
+                self._error = error
+            elif not future.cancelled():
+                self._done.append(BackgroundResult(index, future.result(), stamp))
+            self._busy = False
+            self._cond.notify_all()
 
     def poll(self) -> BackgroundResult | None:
         """The oldest finished result not yet returned, or ``None``."""
@@ -107,36 +121,17 @@ class BackgroundTask:
             return self._busy
 
     def _raise_error(self) -> None:
-        if self._error is not None:
+        with self._cond:
             err, self._error = self._error, None
+        if err is not None:
             raise err
 
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._job is not None or self._closed)
-                if self._job is None:
-                    return
-                index, image, stamp = self._job
-                self._job = None
-            try:
-                result = self.fn(image, stamp)
-            except BaseException as e:  # surfaced in the stream loop by the next offer/poll
-                with self._cond:
-                    self._error, self._busy = e, False
-                    self._cond.notify_all()
-                continue
-            with self._cond:
-                self._done.append(BackgroundResult(index, result, stamp))
-                self._busy = False
-                self._cond.notify_all()
-
     def close(self, timeout: float | None = 30.0) -> None:
-        """Stop the worker after its current job."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
+        """Stop the worker after its current job (waiting at most ``timeout`` seconds for it)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        future = self._future
+        if future is not None:
+            wait([future], timeout=timeout)
 
     def __enter__(self) -> BackgroundTask:
         return self

@@ -1,9 +1,10 @@
-"""Result sinks and :func:`run_on_source`, the one-call front to :class:`~vlexport.runtime.pipeline.Pipeline`.
+"""Result sinks: an annotated video or image, JSONL records, a window.
 
-Sources live in :mod:`vlexport.runtime.sources` (re-exported here). Sinks (:class:`VideoSink`,
-:class:`JsonlSink`, :class:`ImageSink`) write to a temporary file beside the target and rename it
-into place on :meth:`close`, so a reader never sees a half-written file; :class:`AnnotatedSink`,
-:class:`RecordSink` and :class:`WindowSink` adapt them (and a window) to the pipeline's frame results.
+File sinks (:class:`VideoSink`, :class:`JsonlSink`, :class:`ImageSink`) write to a temporary file
+beside the target and rename it into place on :meth:`close`, so a reader never sees a
+half-written file; :class:`AnnotatedSink`, :class:`RecordSink` and :class:`WindowSink` adapt them
+(and a window) to the pipeline's frame results. Running tasks over a source with these sinks is
+:mod:`vlexport.runtime.run`'s job; sources are :mod:`vlexport.runtime.sources`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,9 @@ import cv2
 import numpy as np
 
 from vlexport.errors import OutputError, UsageError
+from vlexport.runtime.sources import IMAGE_EXTS
 
 __all__ = [
-    "Frame",
-    "Source",
-    "ImageSource",
-    "CaptureSource",
-    "open_source",
     "VideoSink",
     "JsonlSink",
     "ImageSink",
@@ -35,20 +32,24 @@ __all__ = [
     "RecordSink",
     "WindowSink",
     "annotate",
-    "run_on_source",
-    "IMAGE_EXTS",
+    "check_display",
 ]
 
 log = logging.getLogger("vlexport")
 
-from vlexport.runtime.sources import (  # noqa: E402  (moved to sources.py; re-exported here)
-    IMAGE_EXTS,
-    CaptureSource,
-    Frame,
-    ImageSource,
-    Source,
-    open_source,
-)
+# Names that lived here before; served from their modules for old imports (drop once none is left).
+_MOVED = {"run_on_source": "vlexport.runtime.run", "Frame": "vlexport.runtime.sources",
+          "Source": "vlexport.runtime.sources", "ImageSource": "vlexport.runtime.sources",
+          "CaptureSource": "vlexport.runtime.sources", "open_source": "vlexport.runtime.sources"}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: run.py imports this module, so importing it back at the top would be circular.
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- sinks -----------------------------------------------------------------------------------
@@ -230,7 +231,6 @@ def open_frame_sink(path: str | os.PathLike, fps: float) -> VideoSink | ImageSin
     return VideoSink(path, fps=fps)
 
 
-# -- the loop --------------------------------------------------------------------------------
 # -- pipeline sinks ---------------------------------------------------------------------------
 def annotate(image: np.ndarray, latest: dict[str, Any]) -> np.ndarray:
     """Draw the latest results on a copy of ``image``: mask overlay, then boxes, then the caption band."""
@@ -285,7 +285,7 @@ class WindowSink:
     """Pipeline sink: an on-screen window (q or Esc asks the pipeline to stop)."""
 
     def __init__(self, title: str, stop: Callable[[], None]):
-        _check_display()
+        check_display()
         self.title, self.stop, self.opened = title, stop, False
 
     def write(self, result: Any) -> None:
@@ -300,86 +300,7 @@ class WindowSink:
     abort = close
 
 
-def run_on_source(
-    task: Any,
-    source: str | int | os.PathLike | Source,
-    *,
-    save: str | os.PathLike | None = None,
-    jsonl: str | os.PathLike | None = None,
-    progress: bool = True,
-    show: bool = False,
-    max_frames: int | None = None,
-    on_result: Callable[[Frame, Any], None] | None = None,
-    caption: Any = None,
-    caption_every_s: float | None = 2.0,
-    caption_every_frames: int | None = None,
-    segment: Any = None,
-    segment_every: int = 1,
-    tracker: Any = None,
-):
-    """Run a task (detect, segment or caption) over ``source`` with the sinks asked for; returns the stats.
-
-    A thin front to :class:`vlexport.runtime.pipeline.Pipeline`: ``task`` runs on every frame
-    (a segment task every ``segment_every`` frames, a caption task on its schedule),
-    ``segment=``/``caption=`` add tasks at their own rates. A folder of photos is not a stream:
-    unless ``caption_every_frames`` says otherwise, every photo is captioned.
-    ``save`` writes an annotated video (an annotated image when ``save`` has an image suffix and
-    the source is one image), ``jsonl`` one record per frame (``frame``, ``t_monotonic``,
-    ``t_wall``, ``source``, then ``detect``/``segment``/``caption`` results computed on that
-    frame); ``show`` opens a window (q or Esc stops); ``max_frames`` stops early;
-    ``on_result(frame, result)`` gets the main task's result (``None`` on frames it did not run).
-    On KeyboardInterrupt the outputs are closed complete (the frames done so far) and the
-    exception re-raised with ``.stats``; on any other error the outputs are discarded.
-    """
-    from vlexport.runtime.pipeline import Pipeline, task_kind
-
-    if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
-        raise UsageError(f"max_frames must be a positive integer, got {max_frames!r}")
-    kind = task_kind(task)
-    roles: dict[str, Any] = {"detect": None, "segment": segment, "caption": caption}
-    if roles[kind] is not None:
-        raise UsageError(f"two {kind} tasks given; pass the second one as a TaskSlot to Pipeline")
-    roles[kind] = task
-    if show:
-        _check_display()
-    src = source if isinstance(source, Source) else open_source(source)
-    if isinstance(src, ImageSource) and caption_every_frames is None:
-        caption_every_frames = 1
-    sinks: list[Any] = []
-    try:
-        if save is not None and Path(save).suffix.lower() in IMAGE_EXTS and src.len_hint() != 1:
-            raise UsageError(
-                f"--save {save} is an image path but the source {src.spec!r} has more than one frame; "
-                "give a video path such as out.mp4"
-            )
-        if save is not None:
-            sinks.append(AnnotatedSink(open_frame_sink(save, fps=src.fps)))
-        if jsonl is not None:
-            sinks.append(RecordSink(JsonlSink(jsonl)))
-        callback = None
-        if on_result is not None:
-            callback = lambda fr: on_result(fr.frame, fr.results.get(kind))  # noqa: E731
-        pipe = Pipeline(src, detect=roles["detect"], segment=roles["segment"], caption=roles["caption"],
-                        segment_every=segment_every, caption_every_s=caption_every_s,
-                        caption_every_frames=caption_every_frames, sinks=sinks, on_result=callback,
-                        tracker=tracker, max_frames=max_frames)
-        if show:
-            sinks.append(WindowSink(str(src.spec), pipe.stop))
-        return pipe.run(progress=progress)
-    except KeyboardInterrupt:
-        for sink in sinks:  # complete files with what was done (idempotent: the pipeline closed its own)
-            sink.close()
-        raise
-    except BaseException:
-        for sink in sinks:
-            sink.abort()
-        raise
-    finally:
-        if not isinstance(source, Source):
-            src.close()
-
-
-def _check_display() -> None:
+def check_display() -> None:
     """Refuse ``show`` up front where no window can open: Qt aborts the whole process there."""
     import sys
 
@@ -387,6 +308,9 @@ def _check_display() -> None:
         os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("QT_QPA_PLATFORM")
     ):
         raise OutputError("cannot show a window: no display (DISPLAY is not set); drop --show, or use --save")
+
+
+_check_display = check_display  # the old private name (cli.py imports it)
 
 
 def _show(image: np.ndarray, title: str) -> str:

@@ -1,5 +1,10 @@
 """Frame sources: image files, folders and globs, video files, cameras and network streams.
 
+(Over 500 lines on purpose: one module because :func:`open_source` chooses among every kind of
+source, and the live reader :class:`LiveSource` is a :class:`CaptureSource` that shares its
+opening, error wording and counters; a live module of its own would import this one and be
+imported back by ``open_source``.)
+
 :func:`open_source` turns what a user typed into a :class:`Source`, an iterable of :class:`Frame`.
 Every frame carries its index in the source and a :class:`~vlexport.runtime.results.FrameStamp`
 (monotonic and wall-clock time) taken when the frame was read from the device or the file, not
