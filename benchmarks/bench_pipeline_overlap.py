@@ -45,7 +45,7 @@ def sequential(task, video: Path, out: Path, frames: int) -> float:
 
 
 def threaded(task, video: Path, out: Path, frames: int) -> float:
-    from vlexport.runtime.sinks import run_on_source
+    from vlexport.runtime.run import run_on_source
 
     stats = run_on_source(task, str(video), save=out / "thr.mp4", jsonl=out / "thr.jsonl", progress=False,
                           max_frames=frames)

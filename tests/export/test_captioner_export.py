@@ -294,7 +294,7 @@ def test_int8_encoder_and_gated_weight_only_int8_decoder(trained, tokenizer_dir,
 
 def test_captions_run_beside_detection_without_holding_it_up(trained_bundle, tiny_bundle, assets, tmp_path):
     from vlexport.runtime import load
-    from vlexport.runtime.sinks import run_on_source
+    from vlexport.runtime.run import run_on_source
 
     with load(tiny_bundle) as det, load(trained_bundle.path, precision="fp32") as cap:
         stats = run_on_source(det, assets / "video" / "car-detection.mp4", jsonl=tmp_path / "r.jsonl",

@@ -18,7 +18,7 @@ from vlexport.errors import UsageError  # noqa: E402
 from vlexport.runtime.preprocess import LetterboxInfo, Preprocessor, letterbox_params  # noqa: E402
 from vlexport.runtime.segmentation import Segmentation  # noqa: E402
 from vlexport.runtime.tasks.binary_segment import BinarySegmentTask, logits_to_source, threshold_logit  # noqa: E402
-from vlexport.runtime.sinks import run_on_source  # noqa: E402
+from vlexport.runtime.run import run_on_source  # noqa: E402
 
 ASSETS = Path(os.environ.get("VLEXPORT_ASSETS", Path(__file__).resolve().parents[3] / "shared" / "assets"))
 SIZE = 128

@@ -93,7 +93,7 @@ def test_refuses_a_manifest_with_other_normalisation(segm_bundle, tmp_path):
 
 
 def test_run_on_source_video_and_folder(segm_bundle, assets, tmp_path):
-    from vlexport.runtime.sinks import run_on_source
+    from vlexport.runtime.run import run_on_source
 
     with load(segm_bundle, precision="fp32", score_threshold=0.0, max_detections=3) as task:
         stats = run_on_source(task, assets / "video" / "car-detection.mp4", save=tmp_path / "o.mp4",

@@ -34,7 +34,7 @@ def first_frame(source: str | None) -> tuple[np.ndarray, str, bool]:
     """(first frame, its label, whether the source is live: a camera or a stream, with no end)."""
     if source is None:
         return synthetic_frame(), "synthetic", False
-    from vlexport.runtime.sinks import open_source
+    from vlexport.runtime.sources import open_source
 
     with open_source(source) as src:
         for frame in src:

@@ -170,7 +170,7 @@ def _bench_runtime(bundle: Bundle, info: PartInfo, backends: list[str], frame: n
 def _bench_video(bundle: Bundle, frame: np.ndarray, options: BenchOptions) -> dict[str, Any]:
     """The pipeline on the source with the task a user gets (or the one restricted to), warmed up first."""
     from vlexport import runtime
-    from vlexport.runtime.sinks import run_on_source
+    from vlexport.runtime.run import run_on_source
 
     precision = options.precisions[0] if len(options.precisions) == 1 else None
     backend = options.backends[0] if len(options.backends) == 1 else None

@@ -38,20 +38,6 @@ __all__ = [
 log = logging.getLogger("vlexport")
 
 # Names that lived here before; served from their modules for old imports (drop once none is left).
-_MOVED = {"run_on_source": "vlexport.runtime.run", "Frame": "vlexport.runtime.sources",
-          "Source": "vlexport.runtime.sources", "ImageSource": "vlexport.runtime.sources",
-          "CaptureSource": "vlexport.runtime.sources", "open_source": "vlexport.runtime.sources"}
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy: run.py imports this module, so importing it back at the top would be circular.
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # -- sinks -----------------------------------------------------------------------------------
 class _AtomicSink:
     """A file written under a temporary name beside ``path`` and renamed into place on close.
@@ -310,7 +296,6 @@ def check_display() -> None:
         raise OutputError("cannot show a window: no display (DISPLAY is not set); drop --show, or use --save")
 
 
-_check_display = check_display  # the old private name (cli.py imports it)
 
 
 def _show(image: np.ndarray, title: str) -> str:
