@@ -127,3 +127,19 @@ def test_cli_lists_each_family_with_its_summary():
     out = CliRunner().invoke(cli, ["--help"], terminal_width=120).output
     for fam in families():
         assert f"  {fam.name:<16} {fam.summary}\n" in out, out
+
+
+def test_export_model_is_the_python_call_of_an_export_command(tmp_path):
+    import json
+
+    from vlexport.export import multiscale
+    from vlexport.export.exporter import export_model
+
+    with pytest.raises(UsageError, match="needs calibration data"):  # checked before any model is built
+        export_model("multiscale", multiscale.Options(preset="tiny", int8=True, out=tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(UsageError, match="multiscale exports take vlexport.export.multiscale.Options"):
+        export_model("multiscale", multiscale.MultiScaleExportOptions(out=tmp_path / "b"))
+    report = export_model(get_family("multiscale"), multiscale.Options(preset="tiny", imgsz=64, out=tmp_path / "b"))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert report.path == tmp_path / "b" and manifest["family"] == "multiscale" and manifest["preset"] == "tiny"
