@@ -60,7 +60,7 @@ class Family:
     export: str
     eager_parts: str
     create_model: str
-    tasks: Mapping[str, str] = field(default_factory=dict)
+    tasks: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", MappingProxyType(dict(self.tasks)))

@@ -1,4 +1,9 @@
-"""The KDEOV family: a CLIP-distilled YOLO student → `detector`, `image_encoder`, optional `text_encoder`."""
+"""The KDEOV family: a CLIP-distilled YOLO student → `detector`, `image_encoder`, optional `text_encoder`.
+
+Its CLI (``Options``, ``COMMAND``, :func:`export`) sits beside the plan builder, as every family's
+does (see :mod:`vlexport.registry`); with the text tower's graph and tokenizer files that makes a
+little over 500 lines of one job, the KDEOV export.
+"""
 
 from __future__ import annotations
 
