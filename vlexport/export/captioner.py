@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.command import (PRECISION_OPTIONS, FamilyCommand, PrecisionFields, clip_activation_option,
+                                     default_out, own_fields, precision_from)
 from vlexport.runtime.spec import PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -67,6 +70,79 @@ class CaptionerExportOptions:
             raise UsageError("parity needs at least one image and one step")
 
 
+@dataclass(kw_only=True)
+class Options(PrecisionFields):
+    """The options of `vlexport captioner`, as typed fields with the CLI's defaults (for :func:`export`)."""
+
+    preset: str = "vitb32-gpt2"
+    checkpoint: Path | None = None
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    clip_activation: str | None = None
+    gpt2_weights: str | None = None
+    tokenizer: Path | None = None
+    max_length: int = 30
+    method: str = "greedy"
+    num_beams: int = 3
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    decoder_weight_bits: int = 8
+    parity_steps: int = 20
+    out: Path | None = None  # bundles/captioner-PRESET (bundles/captioner-trained with a checkpoint)
+    overwrite: bool = False
+    opset: int = 17
+
+
+COMMAND = FamilyCommand(
+    help="""Export the captioner: part `encoder` (image → prefix tokens + regions) and part `decoder`
+    (one GPT-2 step with an explicit KV cache), with the tokenizer.
+
+    \b
+    Examples:
+      vlexport captioner --gpt2 gpt2 --fp16                     # real sizes, weights from the HF cache
+      vlexport train-captioner --data coco128/data.yaml --limit 4 --preset tiny --out cap.pt
+      vlexport captioner --checkpoint cap.pt --tokenizer assets/tokenizers/gpt2 --out bundles/cap
+    """,
+    options=(
+        click.option("--preset", default="vitb32-gpt2", show_default=True, help="tiny, vitb32-gpt2 (CLIP ViT-B/32 + GPT-2 small)."),
+        click.option("--checkpoint", type=click.Path(path_type=Path), help="Trained captioner (from `vlexport train-captioner`)."),
+        click.option("--clip-model", help="open_clip vision tower (default: the preset's)."),
+        click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai)."),
+        clip_activation_option,
+        click.option("--gpt2", "gpt2_weights", help='GPT-2 weights: a hub name found in the local Hugging Face cache ("gpt2"), a folder or a file.'),
+        click.option("--tokenizer", type=click.Path(path_type=Path),
+                     help="Folder with GPT-2's vocab.json + merges.txt (or encoder.json + vocab.bpe) [default: the HF cache's gpt2]."),
+        click.option("--max-length", default=30, show_default=True, type=int, help="Most tokens per caption."),
+        click.option("--method", default="greedy", show_default=True, type=click.Choice(["greedy", "beam"]), help="Default decoding."),
+        click.option("--num-beams", default=3, show_default=True, type=int),
+        click.option("--length-penalty", default=1.0, show_default=True, type=float),
+        click.option("--repetition-penalty", default=1.0, show_default=True, type=float),
+        click.option("--decoder-bits", "decoder_weight_bits", default=8, show_default=True, type=click.Choice(["8", "4"]),
+                     callback=lambda ctx, param, v: int(v),
+                     help="With --int8: the decoder's weight-only bits (kept only if its greedy tokens still match PyTorch's)."),
+        click.option("--parity-steps", default=20, show_default=True, type=int, help="Cached decode steps compared with PyTorch."),
+        click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/captioner-PRESET]."),
+        click.option("--overwrite", is_flag=True),
+        click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21)),
+        *PRECISION_OPTIONS,
+    ),
+)
+
+
+def export_options(options: Options) -> CaptionerExportOptions:
+    """The exporter's options for CLI-level ``options`` (precision checked)."""
+    precision = precision_from(options)
+    out = default_out(options.out, f"captioner-{options.preset if not options.checkpoint else 'trained'}")
+    return CaptionerExportOptions(out=out, precision=precision, parity_source=options.val,
+                                  tokenizer=str(options.tokenizer) if options.tokenizer else None,
+                                  **own_fields(options, "out", "tokenizer"))
+
+
+def export(options: Options) -> ExportReport:
+    """Write the bundle `vlexport captioner` writes for these options (see :func:`vlexport.export.exporter.export_model`)."""
+    return export_captioner(export_options(options))
+
+
 def _model(opts: CaptionerExportOptions):
     from vlexport.models.captioner.model import build_captioner, load_captioner
 
@@ -102,8 +178,10 @@ def _region_classes(opts: CaptionerExportOptions, n: int) -> list[str]:
     return list(COCO80_CLASSES) if n == len(COCO80_CLASSES) else [f"class{i}" for i in range(n)]
 
 
-def build_plan(opts: CaptionerExportOptions) -> ExportPlan:
+def build_plan(opts: CaptionerExportOptions | Options) -> ExportPlan:
     """Build (or load) the captioner and describe its two parts, the tokenizer and the decoding settings."""
+    if isinstance(opts, Options):
+        opts = export_options(opts)
     from vlexport.data.readers import parity_frames, synthetic_images
     from vlexport.calibration.weight_only import quantize_weights
     from vlexport.models.captioner.model import CaptionDecoderStep, CaptionEncoderGraph

@@ -1,4 +1,9 @@
-"""The KDEOV family: a CLIP-distilled YOLO student → `detector`, `image_encoder`, optional `text_encoder`."""
+"""The KDEOV family: a CLIP-distilled YOLO student → `detector`, `image_encoder`, optional `text_encoder`.
+
+Its CLI (``Options``, ``COMMAND``, :func:`export`) sits beside the plan builder, as every family's
+does (see :mod:`vlexport.registry`); with the text tower's graph and tokenizer files that makes a
+little over 500 lines of one job, the KDEOV export.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,8 +23,11 @@ from torch import nn
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.command import (PRECISION_OPTIONS, FamilyCommand, PrecisionFields, clip_activation_option,
+                                     default_out, own_fields, parse_classes, precision_from)
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch, yolo_preprocess
+from vlexport.models.kdeov.checkpoint import KDEOVCheckpoint
 from vlexport.models.kdeov.model import best_folded_similarity
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
@@ -58,6 +67,103 @@ class KDEOVExportOptions:
     max_detections: int = 300
     overwrite: bool = False
     precision: PrecisionOptions | None = None  # INT8 calibration and gate; ``fp16`` above is the shortcut
+
+
+@dataclass(kw_only=True)
+class Options(PrecisionFields):
+    """The options of `vlexport kdeov`, as typed fields with the CLI's defaults (for :func:`export`)."""
+
+    preset: str = "yolov8n-vitb32"
+    checkpoint: Path | None = None
+    backbone: str | None = None
+    backbone_weights: Path | None = None
+    trust_checkpoint: bool = False
+    out: Path | None = None  # bundles/kdeov-PRESET
+    overwrite: bool = False
+    imgsz: int | None = None
+    classes: str | None = None  # "person,car,dog"; None (and no vocab): the 80 COCO names
+    vocab: Path | None = None  # one class name per line
+    templates: str = "imagenet80"
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    clip_activation: str | None = None
+    box_source: str | None = None
+    opset: int = 17
+    dynamic_batch: bool = False
+    with_text_encoder: bool = False
+    vocab_mode: str = "baked"
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.5
+    max_detections: int = 300
+
+
+COMMAND = FamilyCommand(
+    help="""Export a KDEOV open-vocabulary detector (parts: detector, image_encoder[, text_encoder]).
+
+    \b
+    Examples:
+      vlexport kdeov --fp16
+      vlexport kdeov --classes "person,bus,car" --out bundles/street --fp16
+      vlexport kdeov --backbone-weights yolov8n.pt --trust-checkpoint --boxes yolo
+      vlexport kdeov --preset tiny --out /tmp/tiny      # seconds, random weights (tests)
+    """,
+    options=(
+        click.option("--preset", default="yolov8n-vitb32", show_default=True,
+                     help="Model preset: tiny, yolov8n-vitb32, yolov5s-vitb32."),
+        click.option("--checkpoint", type=click.Path(path_type=Path), help="KDEOV student checkpoint (from `vlexport train-kdeov`)."),
+        click.option("--backbone", type=click.Choice(["yolov8n", "yolov5s", "simple"]), help="Student backbone (default: the preset's)."),
+        click.option("--backbone-weights", type=click.Path(path_type=Path),
+                     help="Ultralytics detection checkpoint to initialise the backbone (and its box head)."),
+        click.option("--trust-checkpoint", is_flag=True, help="Allow loading pickled (Ultralytics) checkpoints: runs code from the file."),
+        click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/kdeov-PRESET]."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out."),
+        click.option("--imgsz", type=int, help="Square input size, a multiple of 32 (default: the preset's)."),
+        click.option("--classes", help='Comma-separated class names, e.g. "person,car,dog" [default: the 80 COCO names].'),
+        click.option("--vocab", type=click.Path(path_type=Path), help="File with one class name per line."),
+        click.option("--templates", default="imagenet80", show_default=True,
+                     help="Prompt templates: imagenet80 (the 80 CLIP ImageNet templates), single, or a file (one per line, with {})."),
+        click.option("--clip-model", help="open_clip model of the frozen text tower (default: the preset's, ViT-B-32)."),
+        click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai)."),
+        clip_activation_option,
+        click.option("--boxes", "box_source", type=click.Choice(["grid", "yolo"]),
+                     help="Box source: grid default boxes, or the YOLOv8 head's own regression."),
+        click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21), help="ONNX opset."),
+        click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch axis (default: batch 1)."),
+        click.option("--with-text-encoder", is_flag=True, help="Also export the text tower as part `text_encoder`."),
+        click.option("--vocab-mode", type=click.Choice(["baked", "input"]), default="baked", show_default=True,
+                     help="baked: class embeddings are a graph constant; input: a graph input (swap vocabularies without re-export)."),
+        *PRECISION_OPTIONS,
+        click.option("--score-threshold", default=0.25, show_default=True, type=float),
+        click.option("--iou-threshold", default=0.5, show_default=True, type=float),
+        click.option("--max-detections", default=300, show_default=True, type=int),
+    ),
+)
+
+
+def export_options(options: Options) -> KDEOVExportOptions:
+    """The exporter's options for CLI-level ``options`` (vocabulary parsed, precision checked)."""
+    classes = parse_classes(options.classes, options.vocab)
+    precision = precision_from(options)
+    return KDEOVExportOptions(out=default_out(options.out, f"kdeov-{options.preset}"), classes=classes,
+                              fp16=precision.fp16, precision=precision, parity_source=options.val,
+                              **own_fields(options, "out", "classes", "vocab"))
+
+
+def export(options: Options) -> ExportReport:
+    """Write the bundle `vlexport kdeov` writes for these options (see :func:`vlexport.export.exporter.export_model`)."""
+    return export_kdeov(export_options(options))
+
+
+def create_model(preset: str, **kwargs: Any) -> nn.Module:
+    """A KDEOV model of a preset (``vlexport.registry.create_model("kdeov", preset)``), with the
+    preset's CLIP text tower unless ``text_encoder`` is given (random weights when they are not cached)."""
+    from vlexport.models.clip.towers import FrozenCLIPTextEncoder
+    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov
+
+    config = KDEOV_PRESETS[preset]
+    if "text_encoder" not in kwargs:
+        kwargs["text_encoder"] = FrozenCLIPTextEncoder(config.clip_model, config.clip_pretrained, allow_random=True)
+    return build_kdeov(config, **kwargs)
 
 
 class DetectorGraph(nn.Module):
@@ -127,29 +233,38 @@ def _check_options(opts: KDEOVExportOptions) -> None:
 
 def resolve_config(opts: KDEOVExportOptions):
     """The model config: preset, then the checkpoint's own config, then explicit options."""
-    from vlexport.models.kdeov.model import KDEOV_PRESETS, load_kdeov_checkpoint
+    return _resolve(opts)[0]
+
+
+def _resolve(opts: KDEOVExportOptions) -> tuple[Any, KDEOVCheckpoint | None]:
+    """The model config (see :func:`resolve_config`) and the checkpoint, read here once for the whole export."""
+    from vlexport.models.kdeov.model import KDEOV_PRESETS
 
     if opts.preset not in KDEOV_PRESETS:
         raise UsageError(f"unknown kdeov preset {opts.preset!r}; choose one of {', '.join(KDEOV_PRESETS)}")
     config = KDEOV_PRESETS[opts.preset]
+    checkpoint = None
     if opts.checkpoint is not None:
-        config, _ = load_kdeov_checkpoint(opts.checkpoint)
+        checkpoint = KDEOVCheckpoint.read(opts.checkpoint)
+        config = checkpoint.config
     overrides = {
         "backbone": opts.backbone, "image_size": opts.imgsz, "clip_model": opts.clip_model,
         "clip_pretrained": opts.clip_pretrained, "box_source": opts.box_source,
         "clip_activation": opts.clip_activation,
     }
-    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None}), checkpoint
 
 
-def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
+def build_plan(opts: KDEOVExportOptions | Options) -> ExportPlan:
     """Load/build everything for a KDEOV export and describe its parts."""
+    if isinstance(opts, Options):
+        opts = export_options(opts)
     from vlexport.models.clip.towers import FrozenCLIPTextEncoder
     from vlexport.models.kdeov.model import build_kdeov
     from vlexport.models.clip.text import COCO80_CLASSES, TextEmbeddingCache, build_text_embeddings, resolve_templates
 
     _check_options(opts)
-    config = resolve_config(opts)
+    config, checkpoint = _resolve(opts)
     classes = list(opts.classes) if opts.classes is not None else list(COCO80_CLASSES)
     if not classes:
         raise UsageError('the vocabulary is empty: pass --classes "person,car" or --vocab FILE')
@@ -163,17 +278,16 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
                                              activation=config.clip_activation, allow_random=True)
     notes += [str(w.message) for w in caught if "RANDOM" in str(w.message).upper()]
     trained: dict[str, Any] = {}
-    if opts.checkpoint is not None:
-        from vlexport.models.kdeov.model import kdeov_checkpoint_extra
+    if checkpoint is not None:
         from vlexport.models.kdeov.detection_train import check_text_tower
 
-        trained = kdeov_checkpoint_extra(opts.checkpoint)
+        trained = checkpoint.extra
         check_text_tower(trained.get("text_tower"), text_encoder.loaded, opts.checkpoint)
     if not text_encoder.is_pretrained:
         notes.append(f"text tower {config.clip_model} is UNTRAINED (random weights): class scores are meaningless")
 
     log.info("building the %s student (backbone %s, %dx%d)…", opts.preset, config.backbone, config.image_size, config.image_size)
-    model = build_kdeov(config, checkpoint=opts.checkpoint, backbone_weights=opts.backbone_weights,
+    model = build_kdeov(config, checkpoint=checkpoint, backbone_weights=opts.backbone_weights,
                         trust_checkpoint=opts.trust_checkpoint, text_encoder=text_encoder).eval()
     if opts.checkpoint is None:
         notes.append("no --checkpoint: the student's projection heads are untrained (random weights)")

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.command import PRECISION_OPTIONS, FamilyCommand, PrecisionFields, default_out, own_fields, precision_from
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.bundle import sha256_file
@@ -41,7 +43,8 @@ from vlexport.runtime.spec import PartIO, TensorSpec
 log = logging.getLogger("vlexport")
 
 __all__ = ["MultiScaleExportOptions", "multiscale_preprocess", "load_segmenter_state", "fuse_batchnorm",
-           "fp32_rounding_error", "build_plan", "export_multiscale", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "fp32_rounding_error", "build_plan", "export_multiscale", "IMAGENET_MEAN", "IMAGENET_STD",
+           "COMMAND", "Options", "export", "export_options"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +76,65 @@ class MultiScaleExportOptions:
     opset: int = 17
     overwrite: bool = False
     precision: PrecisionOptions | None = None
+
+
+@dataclass(kw_only=True)
+class Options(PrecisionFields):
+    """The options of `vlexport multiscale`, as typed fields with the CLI's defaults (for :func:`export`)."""
+
+    preset: str = "r50"
+    fusion: str = "absi"
+    checkpoint: Path | None = None
+    backbone_weights: Path | None = None
+    imgsz: int | None = None
+    class_name: str = "object"
+    threshold: float = 0.5
+    out: Path | None = None  # bundles/multiscale-PRESET-FUSION
+    overwrite: bool = False
+    opset: int = 17
+
+
+COMMAND = FamilyCommand(
+    help="""Export the multi-scale binary segmenter (part: segmenter; all scales and the fusion in one graph).
+
+    \b
+    Examples:
+      vlexport multiscale --checkpoint cod_r50.pt --class-name animal --fp16
+      vlexport multiscale --fusion hierarchical --backbone-weights resnet50.pt
+      vlexport multiscale --preset tiny --imgsz 128 --out /tmp/ms    # seconds, random weights
+      vlexport run bundles/multiscale-r50-absi --source video.mp4 --save out.mp4 --jsonl out.jsonl
+    """,
+    options=(
+        click.option("--preset", default="r50", show_default=True, help="tiny (ResNet-18, 320) or r50 (ResNet-50, 352)."),
+        click.option("--fusion", default="absi", show_default=True, type=click.Choice(["absi", "hierarchical"]),
+                     help="How the 0.5x/1.0x/1.5x features are fused: attention across scales, or coarse-to-fine merges."),
+        click.option("--checkpoint", type=click.Path(path_type=Path),
+                     help="Trained segmenter: torch.save(model.state_dict()) of the same --preset and --fusion (tensors only)."),
+        click.option("--backbone-weights", type=click.Path(path_type=Path),
+                     help="torchvision ResNet state dict for the backbone of an otherwise untrained model."),
+        click.option("--imgsz", type=int, help="Square input size, a multiple of 32 (default: the preset's)."),
+        click.option("--class-name", default="object", show_default=True, help="Name of the foreground class."),
+        click.option("--threshold", default=0.5, show_default=True, type=float,
+                     help="Foreground where the probability is above this (the runtime can override it)."),
+        click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/multiscale-PRESET-FUSION]."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out."),
+        click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21)),
+        *PRECISION_OPTIONS,
+    ),
+)
+
+
+def export_options(options: Options) -> MultiScaleExportOptions:
+    """The exporter's options for CLI-level ``options`` (precision checked)."""
+    precision = precision_from(options)
+    out = default_out(options.out, f"multiscale-{options.preset}-{options.fusion}")
+    return MultiScaleExportOptions(out=out, precision=precision, parity_source=options.val,
+                                   **own_fields(options, "out"))
+
+
+def export(options: Options) -> ExportReport:
+    """Write the bundle `vlexport multiscale` writes for these options (see :func:`vlexport.export.exporter.export_model`)."""
+    return export_multiscale(export_options(options))
 
 
 def multiscale_preprocess(size: int) -> dict[str, Any]:
@@ -212,8 +274,10 @@ def _build_model(opts: MultiScaleExportOptions):
     return model.eval(), notes
 
 
-def build_plan(opts: MultiScaleExportOptions) -> ExportPlan:
+def build_plan(opts: MultiScaleExportOptions | Options) -> ExportPlan:
     """Build (and load) the segmenter and describe the `segmenter` part and the runtime's settings."""
+    if isinstance(opts, Options):
+        opts = export_options(opts)
     _check_options(opts)
     model, notes = _build_model(opts)
     cfg = model.config

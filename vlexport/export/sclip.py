@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.command import (PRECISION_OPTIONS, FamilyCommand, PrecisionFields, clip_activation_option,
+                                     default_out, own_fields, precision_from)
 from vlexport.runtime.spec import PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -54,6 +57,93 @@ class SCLIPExportOptions:
     precision: PrecisionOptions | None = None
 
 
+@dataclass(kw_only=True)
+class Options(PrecisionFields):
+    """The options of `vlexport sclip`, as typed fields with the CLI's defaults (for :func:`export`)."""
+
+    preset: str = "vit-b16"
+    classes: str | None = None  # "," between classes, "|" between the synonyms of one class
+    vocab: Path | None = None  # one class per line, synonyms separated by ", "
+    templates: str = "imagenet80"
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    clip_activation: str | None = None
+    short_side: int | None = None
+    max_long_side: int | None = None
+    slide_crop: int | None = None
+    slide_stride: int | None = None
+    pamr_steps: int = 0
+    pamr_in: str = "runtime"
+    logit_scale: float | None = None
+    prob_threshold: float | None = None
+    area_threshold: float | None = None
+    background_index: int | None = None
+    out: Path | None = None  # bundles/sclip-PRESET
+    overwrite: bool = False
+    opset: int = 17
+
+
+COMMAND = FamilyCommand(
+    help="""Export SCLIP open-vocabulary segmentation (part: segmenter, text embeddings baked in).
+
+    \b
+    Examples:
+      vlexport sclip --vocab cls_voc21.txt --logit-scale 65 --background-index 0 --prob-threshold 0.1 \\
+          --area-threshold 0.1 --fp16                                   # SCLIP's VOC21 configuration
+      vlexport sclip --preset tiny --classes "sky|clouds,tree,person" --out /tmp/seg   # seconds, random weights
+    """,
+    options=(
+        click.option("--preset", default="vit-b16", show_default=True, help="tiny, vit-b16 (ViT-B/16), vit-l14-336."),
+        click.option("--classes", help='Classes separated by ","; synonyms of one class separated by "|", e.g. '
+                                       '"background|sky|wall,cat,dog" (3 classes, the first with 3 synonyms: the same as a '
+                                       '--vocab line "background, sky, wall").'),
+        click.option("--vocab", type=click.Path(path_type=Path), help='One class per line; synonyms on one line separated by ", ".'),
+        click.option("--templates", default="imagenet80", show_default=True, help="imagenet80, single, or a file (one per line, with {})."),
+        click.option("--clip-model", help="open_clip model (default: the preset's)."),
+        click.option("--clip-pretrained", help="open_clip pretrained tag or a local weights file (default: openai)."),
+        clip_activation_option,
+        click.option("--imgsz", "short_side", type=int, help="Short side the image is resized to (default 336)."),
+        click.option("--max-long-side", type=click.IntRange(1),
+                     help="Cap on the long side after that resize: scale = min(imgsz / short side, this / long side) "
+                          "(default 2048, as SCLIP's Resize(scale=(2048, 336)))."),
+        click.option("--slide-crop", type=int, help="Sliding-window crop (default 224)."),
+        click.option("--slide-stride", type=int, help="Sliding-window stride (default 112)."),
+        click.option("--pamr-steps", default=0, show_default=True, type=click.IntRange(0), help="PAMR refinement iterations (0: off, as SCLIP's configs)."),
+        click.option("--pamr-in", default="runtime", show_default=True, type=click.Choice(["runtime", "graph"]),
+                     help="Run PAMR in the runtime (numpy) or as an exported `refiner` graph (see benchmarks/bench_sclip_slide.py)."),
+        click.option("--logit-scale", type=float, help="Temperature before the softmax (default 40)."),
+        click.option("--prob-threshold", type=float, help="Pixels below this probability go to --background-index."),
+        click.option("--area-threshold", type=float,
+                     help="Drop classes (not the background) whose argmax area is at most this fraction of the non-background "
+                          "pixels, as SCLIP's area_thd (0.1 for VOC21); needs --background-index."),
+        click.option("--background-index", type=int, help="Class index that collects uncertain pixels (e.g. 0 for VOC)."),
+        click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/sclip-PRESET]."),
+        click.option("--overwrite", is_flag=True),
+        click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21)),
+        *PRECISION_OPTIONS,
+    ),
+)
+
+
+def export_options(options: Options) -> SCLIPExportOptions:
+    """The exporter's options for CLI-level ``options`` (precision checked, then the vocabulary parsed)."""
+    from vlexport.models.clip.text import parse_vocabulary
+    from vlexport.models.sclip.model import classes_from_option
+
+    precision = precision_from(options)
+    names, vocab = options.classes, options.vocab
+    # --classes: "," between classes, "|" between the synonyms of one class (SCLIP-only syntax).
+    classes = classes_from_option(names) if names is not None and vocab is None else parse_vocabulary(names, vocab)
+    return SCLIPExportOptions(out=default_out(options.out, f"sclip-{options.preset}"), classes=classes,
+                              precision=precision, parity_source=options.val,
+                              **own_fields(options, "out", "classes", "vocab"))
+
+
+def export(options: Options) -> ExportReport:
+    """Write the bundle `vlexport sclip` writes for these options (see :func:`vlexport.export.exporter.export_model`)."""
+    return export_sclip(export_options(options))
+
+
 def _segmenter(opts: SCLIPExportOptions):
     from vlexport.models.sclip.model import SCLIP_PRESETS, SCLIPSegmenter
     from vlexport.models.clip.text import TextEmbeddingCache, resolve_templates
@@ -83,8 +173,10 @@ def _segmenter(opts: SCLIPExportOptions):
     return seg, templates_id, len(templates)
 
 
-def build_plan(opts: SCLIPExportOptions) -> ExportPlan:
+def build_plan(opts: SCLIPExportOptions | Options) -> ExportPlan:
     """Build the segmenter and describe the `segmenter` part and the runtime's settings."""
+    if isinstance(opts, Options):
+        opts = export_options(opts)
     from vlexport.data.readers import parity_frames, synthetic_images
     from vlexport.models.sclip.model import window_grid
 

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 from torch import nn
 
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
+from vlexport.export.command import PRECISION_OPTIONS, FamilyCommand, PrecisionFields, default_out, own_fields, precision_from
 from vlexport.export.samples import parity_batch, yolo_preprocess
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
@@ -42,6 +44,68 @@ class YoloExportOptions:
     max_detections: int = 300
     overwrite: bool = False
     precision: PrecisionOptions | None = None
+
+
+@dataclass(kw_only=True)
+class Options(PrecisionFields):
+    """The options of `vlexport yolo`, as typed fields with the CLI's defaults (for :func:`export`)."""
+
+    checkpoint: Path
+    trust_checkpoint: bool = False
+    arch: str | None = None
+    out: Path | None = None  # bundles/yolo-ARCH (the checkpoint's name without --arch)
+    overwrite: bool = False
+    imgsz: int = 640
+    opset: int = 17
+    dynamic_batch: bool = False
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.7
+    max_detections: int = 300
+
+
+COMMAND = FamilyCommand(
+    help="""Export an Ultralytics detection checkpoint (closed vocabulary, names from the checkpoint).
+
+    \b
+    Examples:
+      vlexport yolo --checkpoint yolov8n.pt --trust-checkpoint --fp16
+      vlexport yolo --checkpoint yolov8n.pt --trust-checkpoint --int8 \\
+          --calib coco128/images/train2017 --calib-size 32 --val coco128/data.yaml --max-drop 1.0
+    """,
+    options=(
+        click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Ultralytics YOLOv8/YOLOv5u detection checkpoint."),
+        click.option("--trust-checkpoint", is_flag=True, help="Allow unpickling the checkpoint (Ultralytics .pt files are pickles: this runs code from the file)."),
+        click.option("--arch", help="Architecture (yolov8n, yolov8s, …, yolov5s, …); read from the checkpoint when it says."),
+        click.option("--out", type=click.Path(path_type=Path), help="Bundle folder [default: bundles/yolo-ARCH]."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out."),
+        click.option("--imgsz", default=640, show_default=True, type=int, help="Square input size, a multiple of 32."),
+        click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21)),
+        click.option("--dynamic-batch", is_flag=True, help="Export with a dynamic batch axis (default: batch 1)."),
+        *PRECISION_OPTIONS,
+        click.option("--score-threshold", default=0.25, show_default=True, type=float),
+        click.option("--iou-threshold", default=0.7, show_default=True, type=float),
+        click.option("--max-detections", default=300, show_default=True, type=int),
+    ),
+)
+
+
+def export_options(options: Options) -> YoloExportOptions:
+    """The exporter's options for CLI-level ``options`` (precision checked)."""
+    precision = precision_from(options)
+    out = default_out(options.out, f"yolo-{options.arch or Path(options.checkpoint).stem}")
+    return YoloExportOptions(out=out, precision=precision, parity_source=options.val, **own_fields(options, "out"))
+
+
+def export(options: Options) -> ExportReport:
+    """Write the bundle `vlexport yolo` writes for these options (see :func:`vlexport.export.exporter.export_model`)."""
+    return export_yolo(export_options(options))
+
+
+def create_model(preset: str, **kwargs: Any) -> nn.Module:
+    """The detection network of an architecture (``tiny``: YOLOv8n), random weights unless ``checkpoint`` is given."""
+    from vlexport.models.common.backbones import LightweightVisualBackbone
+
+    return LightweightVisualBackbone("yolov8n" if preset == "tiny" else preset, **kwargs).eval()
 
 
 class YoloDetectorGraph(nn.Module):
@@ -89,8 +153,10 @@ def detect_arch(checkpoint: Path, trust: bool) -> str:
     return arch
 
 
-def build_plan(opts: YoloExportOptions) -> ExportPlan:
+def build_plan(opts: YoloExportOptions | Options) -> ExportPlan:
     """Load the checkpoint and describe the `detector` part."""
+    if isinstance(opts, Options):
+        opts = export_options(opts)
     from vlexport.models.common.backbones import LightweightVisualBackbone
 
     if opts.imgsz < 32 or opts.imgsz % 32:

@@ -34,6 +34,7 @@ from torch import nn
 from vlexport.atomic import atomic_write
 from vlexport.errors import CheckpointError, UsageError
 from vlexport.models.common.backbones import LightweightVisualBackbone, check_state_dict, load_checkpoint_file
+from vlexport.models.kdeov.checkpoint import KDEOVCheckpoint
 
 if TYPE_CHECKING:  # the CLIP towers are only needed when text is encoded
     from vlexport.models.clip.towers import FrozenCLIPTextEncoder
@@ -702,7 +703,7 @@ def kdeov_checkpoint_extra(path: str | Path) -> dict[str, Any]:
 def build_kdeov(
     config: KDEOVConfig | str | None = None,
     *,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | KDEOVCheckpoint | None = None,
     backbone_weights: str | Path | None = None,
     trust_checkpoint: bool = False,
     text_encoder: FrozenCLIPTextEncoder | None = None,
@@ -712,7 +713,7 @@ def build_kdeov(
     Args:
         config: a :class:`KDEOVConfig` or preset name; defaults to the checkpoint's config, else
             the ``yolov8n-vitb32`` preset. If both are given, their architecture fields must agree.
-        checkpoint: a ``vlexport.kdeov/1`` file (the whole student).
+        checkpoint: a ``vlexport.kdeov/1`` file (the whole student), or its :class:`KDEOVCheckpoint` already read.
         backbone_weights: an Ultralytics (or ``{"state_dict", "names"}``) checkpoint for the
             backbone only; exclusive with ``checkpoint``, which already contains the backbone.
         trust_checkpoint: allow unpickling ``backbone_weights`` (Ultralytics ``.pt`` files).
@@ -728,8 +729,9 @@ def build_kdeov(
     state = None
     names = None
     if checkpoint is not None:
-        obj = _read_kdeov_checkpoint(checkpoint)
-        ck_config, state, names = obj["config"], obj["state_dict"], obj.get("backbone_source_names")
+        record = KDEOVCheckpoint.of(checkpoint)
+        checkpoint = record.path
+        ck_config, state, names = record.config, record.state_dict, record.backbone_source_names
         if config is None:
             config = ck_config
         else:

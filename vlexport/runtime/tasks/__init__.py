@@ -12,20 +12,29 @@ __all__ = ["CaptionTask", "DetectTask", "EmbedTask", "SegmentTask", "TASKS", "ta
 TASKS = ("detect", "embed", "segment", "caption")
 
 
-# Families whose graphs need their own pre/post-processing for a task (family, task) -> module, class.
-_FAMILY_TASKS = {
-    ("detr", "detect"): ("vlexport.runtime.tasks.detr", "DetrTask"),
-    ("multiscale", "segment"): ("vlexport.runtime.tasks.binary_segment", "BinarySegmentTask"),
-}
+def _family_task(task: str, family: str | None) -> Any:
+    """The class the family registry names for this task, or None (no such family, or not its task)."""
+    if not family:
+        return None
+    from vlexport.errors import UsageError
+    from vlexport.registry import get_family, load_ref
+
+    try:
+        ref = get_family(family).tasks.get(task)
+    except UsageError:  # a family this runtime does not know: the task's generic class
+        return None
+    return load_ref(ref) if ref is not None else None
 
 
 def task_class(task: str, family: str | None = None) -> Any:
-    """The task class for a task name ("detect", "embed", "segment" or "caption") and the bundle's family."""
-    special = _FAMILY_TASKS.get((family or "", task))
-    if special is not None:
-        import importlib
+    """The task class for a task name ("detect", "embed", "segment" or "caption") and the bundle's family.
 
-        return getattr(importlib.import_module(special[0]), special[1])
+    A registered family's own class for the task (:attr:`vlexport.registry.Family.tasks`) comes first;
+    any other family (or none) gets the generic class of the task.
+    """
+    special = _family_task(task, family)
+    if special is not None:
+        return special
     if task == "detect":
         from vlexport.runtime.tasks.detect import DetectTask
 
