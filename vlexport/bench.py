@@ -36,7 +36,7 @@ import numpy as np
 
 from vlexport import __version__
 from vlexport.errors import OutputError, SourceError, UsageError, VlexportError
-from vlexport.runtime.bundle import PRECISIONS, Bundle, PartInfo
+from vlexport.runtime.bundle import PRECISIONS, Bundle, PartRecord as PartInfo
 
 __all__ = [
     "BACKENDS",

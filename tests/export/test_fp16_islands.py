@@ -24,7 +24,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, PrecisionOptions, write_bundle
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.bundle import Bundle
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature as PartIO, TensorSpec
 
 PRE = {"size": [32, 32], "resize": "letterbox", "pad_value": 114, "color": "RGB",
        "scale": 1 / 255, "mean": [0, 0, 0], "std": [1, 1, 1]}

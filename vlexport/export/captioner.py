@@ -19,7 +19,7 @@ import torch
 from vlexport.errors import UsageError
 from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature as PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
 

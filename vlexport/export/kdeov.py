@@ -21,7 +21,7 @@ from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch, yolo_preprocess
 from vlexport.models.kdeov.model import best_folded_similarity
 from vlexport.runtime.bundle import sha256_file
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature as PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
 

@@ -36,7 +36,7 @@ from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOpt
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.bundle import sha256_file
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature as PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
 

@@ -19,7 +19,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.samples import parity_batch, yolo_preprocess
 from vlexport.runtime.bundle import sha256_file
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature as PartIO, TensorSpec
 
 log = logging.getLogger("vlexport")
 

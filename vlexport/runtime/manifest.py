@@ -323,7 +323,8 @@ class Manifest:
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "files": dict(self.files),
         }
-        optional = ("preset", "vocabulary", "postprocess", "validation", "calibration")
+        # Written as null when unset, as the exporter always did; these two only when recorded.
+        optional = ("validation", "calibration")
         out: dict[str, Any] = {}
         for key in _HEAD:
             if key in typed:
