@@ -75,8 +75,9 @@ class BundleWriter:
     def _write_manifest(self, manifest: Manifest | Mapping[str, Any]) -> None:
         if self.staging is None:
             raise RuntimeError("BundleWriter used outside its context")
-        # A manifest given as JSON data is typed (and so checked) before anything is hashed.
-        typed = manifest if isinstance(manifest, Manifest) else parse_manifest(manifest, MANIFEST, draft=True)
+        # Checked as the runtime will read it (a bad field names itself) before anything is hashed.
+        data = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
+        typed = parse_manifest(data, MANIFEST, draft=True)
         (self.staging / MANIFEST).unlink(missing_ok=True)
         files = {}
         for p in sorted(self.staging.rglob("*")):
