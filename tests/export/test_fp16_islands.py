@@ -24,7 +24,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, PrecisionOptions, write_bundle
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.bundle import Bundle
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature, TensorSpec
 
 PRE = {"size": [32, 32], "resize": "letterbox", "pad_value": 114, "color": "RGB",
        "scale": 1 / 255, "mean": [0, 0, 0], "std": [1, 1, 1]}
@@ -49,7 +49,7 @@ def _plan(quantize: bool = False, int8_tol: OutputTolerance | None = None) -> Ex
     if int8_tol is not None:
         tolerances["int8"] = {"out": int8_tol}
     part = Part("net", Offset().eval(),
-                PartIO((TensorSpec("images", "float32", (1, 3, 32, 32)),), (TensorSpec("out", "float32", (1, 4, 32, 32)),)),
+                PartSignature((TensorSpec("images", "float32", (1, 3, 32, 32)),), (TensorSpec("out", "float32", (1, 4, 32, 32)),)),
                 make_inputs=lambda x: (x,), tolerances=tolerances, quantize=quantize)
     return ExportPlan(family="test", task="test", preset="t", parts=[part], parity_images=images,
                       parity_source=source, preprocess=PRE)

@@ -13,7 +13,7 @@ from vlexport.export.part import Part
 from vlexport.export.bundle_export import ExportPlan, PrecisionOptions, write_bundle
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.preprocess import Preprocessor
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature, TensorSpec
 
 PRE = {"size": [64, 64], "resize": "letterbox", "pad_value": 114, "color": "RGB",
        "scale": 1 / 255, "mean": [0, 0, 0], "std": [1, 1, 1]}
@@ -24,10 +24,10 @@ def test_decoder_calibrates_from_recorded_encoder_outputs(tmp_path, assets):
     encoder = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU()).eval()
     head = nn.Conv2d(8, 4, 1).eval()
     images, source = parity_batch(PRE, str(assets / "images"), 2)
-    enc_part = Part("encoder", encoder, PartIO((TensorSpec("images", "float32", (1, 3, 64, 64)),),
+    enc_part = Part("encoder", encoder, PartSignature((TensorSpec("images", "float32", (1, 3, 64, 64)),),
                                                (TensorSpec("features", "float32", (1, 8, 16, 16)),)),
                     make_inputs=lambda x: (x,))
-    head_part = Part("head", head, PartIO((TensorSpec("features", "float32", (1, 8, 16, 16)),),
+    head_part = Part("head", head, PartSignature((TensorSpec("features", "float32", (1, 8, 16, 16)),),
                                           (TensorSpec("out", "float32", (1, 4, 16, 16)),)),
                      make_inputs=lambda x: (encoder(x).detach(),), quantize=True,
                      calib_from="encoder", calib_feeds=lambda rec: {"features": rec["features"]})

@@ -19,7 +19,7 @@ from conftest import CLASSES, make_detector
 import vlexport.runtime as vr
 from vlexport.errors import BundleError, DependencyError, UsageError
 from vlexport.export.bundle_writer import BundleWriter
-from vlexport.runtime import engines
+from vlexport.runtime.backends import tensorrt_build as engines
 from vlexport.runtime.backends import (
     backend_names,
     create_backend,

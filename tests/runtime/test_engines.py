@@ -20,15 +20,15 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from vlexport.errors import BundleError, UsageError  # noqa: E402
 from vlexport.export.bundle_writer import BundleWriter  # noqa: E402
-from vlexport.runtime import engines  # noqa: E402
+from vlexport.runtime.backends import tensorrt_build as engines  # noqa: E402
+from vlexport.runtime.backends.tensorrt_build import ensure_engine  # noqa: E402
 from vlexport.runtime.bundle import Bundle, sha256_file  # noqa: E402
-from vlexport.runtime.engines import (  # noqa: E402
+from vlexport.runtime.engine_cache import (  # noqa: E402
     TIMING_CACHE,
     EngineBuildError,
     EngineKey,
     engine_filename,
     engine_precisions,
-    ensure_engine,
     find_engine,
     profile_shapes,
 )
@@ -464,7 +464,7 @@ def test_real_engine_matches_onnxruntime(tmp_path: Path) -> None:
 
 def test_detr_bundles_get_an_image_size_range_for_their_dynamic_axes(tmp_path: Path) -> None:
     from vlexport.runtime.bundle import Bundle
-    from vlexport.runtime.engines import _default_axes, profile_shapes
+    from vlexport.runtime.engine_cache import _default_axes, profile_shapes
     from vlexport.runtime.spec import TensorSpec
 
     root = make_bundle(tmp_path / "b")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vlexport.errors import UsageError, VlexportError
-from vlexport.runtime.bundle import PartInfo
+from vlexport.runtime.bundle import PartRecord
 
 __all__ = ["FeedRecorder", "Feeds", "Recorded", "backend_of", "frame_fn", "record", "replay", "tile"]
 
@@ -73,7 +73,7 @@ def replay(backend: Any, calls: list[Feeds]) -> None:
         backend.infer(feeds)
 
 
-def tile(calls: list[Feeds], info: PartInfo, k: int) -> list[Feeds]:
+def tile(calls: list[Feeds], info: PartRecord, k: int) -> list[Feeds]:
     """The recorded feeds repeated ``k`` times along the batch axis (every input that has it)."""
     axis = info.io.inputs[0].shape[0]
     names = {s.name for s in info.io.inputs if s.shape and s.shape[0] == axis}

@@ -26,7 +26,7 @@ from vlexport.bench.report import BenchReport, BenchRow
 from vlexport.bench.timing import measure
 from vlexport.bench.torch_eager import bench_torch
 from vlexport.errors import UsageError, VlexportError
-from vlexport.runtime.bundle import PRECISIONS, Bundle, PartInfo
+from vlexport.runtime.bundle import PRECISIONS, Bundle, PartRecord
 
 __all__ = ["run_bench"]
 
@@ -34,7 +34,7 @@ log = logging.getLogger("vlexport")
 
 
 # -- choosing what to measure ----------------------------------------------------------------
-def _precisions_for(info: PartInfo, backend: str, wanted: Sequence[str]) -> list[str]:
+def _precisions_for(info: PartRecord, backend: str, wanted: Sequence[str]) -> list[str]:
     from vlexport.runtime.backends import part_precisions
 
     have = part_precisions(info, backend)
@@ -55,7 +55,7 @@ def _backends(options: BenchOptions) -> tuple[list[str], list[dict[str, Any]], l
     return usable, described, skipped
 
 
-def _check_precisions(bundle: Bundle, info: PartInfo, backends: list[str], wanted: Sequence[str]) -> None:
+def _check_precisions(bundle: Bundle, info: PartRecord, backends: list[str], wanted: Sequence[str]) -> None:
     from vlexport.runtime.backends import part_precisions
 
     have = sorted({p for b in backends for p in part_precisions(info, b)}, key=PRECISIONS.index)
@@ -65,7 +65,7 @@ def _check_precisions(bundle: Bundle, info: PartInfo, backends: list[str], wante
                          f"{', '.join(backends)}; it has {', '.join(have)}")
 
 
-def _batch_for(info: PartInfo, requested: int | None) -> int | None:
+def _batch_for(info: PartRecord, requested: int | None) -> int | None:
     """The batch of the throughput measurement: None when the graph's batch is fixed (or 1 is asked)."""
     first = info.io.inputs[0].shape[0] if info.io.inputs and info.io.inputs[0].shape else None
     dynamic = isinstance(first, str)
@@ -128,7 +128,7 @@ def _measure_row(task: Any, runner: Any, backend_name: str, calls: list[Feeds], 
     return row
 
 
-def _bench_runtime(bundle: Bundle, info: PartInfo, backends: list[str], frame: np.ndarray, options: BenchOptions,
+def _bench_runtime(bundle: Bundle, info: PartRecord, backends: list[str], frame: np.ndarray, options: BenchOptions,
                    batch: int | None, rows: list[BenchRow], skipped: list[dict[str, str]]) -> Recorded:
     from vlexport import runtime
 

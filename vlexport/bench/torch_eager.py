@@ -8,7 +8,6 @@ imported only here, and only when the comparison runs.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -31,16 +30,13 @@ _NOTE = "eager, random weights (latency only)"
 
 
 def _eager_hook(family: str) -> Callable[[Bundle], dict[str, Any]]:
-    """The family's ``eager_parts(bundle)`` (part name -> eval-mode module)."""
-    module = f"vlexport.export.{family}"
-    try:
-        return importlib.import_module(module).eager_parts
-    except ModuleNotFoundError as e:
-        if e.name != module:  # the family module is there but needs something missing: say what
-            raise
-    except AttributeError:
-        pass
-    raise EagerRebuildError(f"no PyTorch rebuild for family {family!r}")
+    """The family's registered ``eager_parts(bundle)`` (part name -> eval-mode module)."""
+    from vlexport.registry import families
+
+    known = {f.name: f for f in families()}
+    if family not in known:
+        raise EagerRebuildError(f"no PyTorch rebuild for family {family!r}")
+    return known[family].load("eager_parts")
 
 
 def eager_modules(bundle: Bundle) -> dict[str, Any]:

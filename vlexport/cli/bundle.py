@@ -53,7 +53,8 @@ def build_cmd(bundle: Path, want: str | None, force: bool, max_batch: int) -> No
     """
     from vlexport.runtime.backends.tensorrt import require_tensorrt
     from vlexport.runtime.bundle import Bundle
-    from vlexport.runtime.engines import engine_precisions, ensure_engine
+    from vlexport.runtime.backends.tensorrt_build import ensure_engine
+    from vlexport.runtime.engine_cache import engine_precisions
 
     b = Bundle.open(bundle)
     require_tensorrt()
@@ -62,7 +63,7 @@ def build_cmd(bundle: Path, want: str | None, force: bool, max_batch: int) -> No
         for precision in engine_precisions(part.files):
             if want and precision != want:
                 continue
-            path = ensure_engine(b.root, name, precision, force=force, batch=(1, 1, max_batch))
+            path = ensure_engine(b, name, precision, force=force, batch=(1, 1, max_batch))
             click.echo(f"{name}/{precision}: {path.name}")
 
 

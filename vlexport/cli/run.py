@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from vlexport.cli.group import cli
-from vlexport.errors import UsageError
 
 
 @cli.command("run")
@@ -64,81 +63,19 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
       vlexport run bundles/cap --source photos/ --jsonl captions.jsonl
       vlexport run bundles/kdeov-input --classes "forklift,pallet" --source warehouse.mp4 --save out.mp4
     """
-    from vlexport import runtime
-    from vlexport.atomic import write_json_atomic
-    from vlexport.runtime.sources import open_source
-    from vlexport.runtime.sinks import run_on_source
+    from vlexport.runtime.run import RunRequest, run_bundles
 
-    roles: dict[str, Path | None] = {"detect": detect_bundle, "segment": segment_bundle, "caption": caption_bundle}
-    if bundle is not None:
-        task_name = runtime.Bundle.open(bundle).task
-        if task_name not in roles:
-            raise UsageError(f"{bundle} is a {task_name} bundle; `run` takes detect, segment and caption bundles")
-        if roles[task_name] is not None:
-            raise UsageError(f"two {task_name} bundles: {bundle} and --{task_name} {roles[task_name]}")
-        roles[task_name] = bundle
-    if not any(roles.values()):
-        raise UsageError("give a BUNDLE, or --detect/--segment/--caption bundles")
-    detect_overrides = {k: v for k, v in {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
-                                          "max_detections": max_detections}.items() if v is not None}
-    if detect_overrides and roles["detect"] is None:
-        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in detect_overrides)} apply to detection: "
-                         "give a detection bundle")
-    if max_length is not None and roles["caption"] is None:
-        raise UsageError("--max-length applies to captioning: give a captioner bundle")
-    new_classes = None
-    if run_classes is not None:
-        if roles["detect"] is None:
-            raise UsageError("--classes applies to detection: give a detection bundle")
-        from vlexport.runtime.text_encoder import check_class_names
-
-        new_classes = check_class_names([c.strip() for c in run_classes.split(",") if c.strip()])
-    overrides = {"detect": detect_overrides, "segment": {},
-                 "caption": {"max_length": max_length} if max_length is not None else {}}
-    if show:
-        from vlexport.runtime.sinks import _check_display
-
-        _check_display()
-    tasks: dict[str, object] = {}
-    src = None
+    request = RunRequest(source=source, bundle=bundle, detect=detect_bundle, segment=segment_bundle,
+                         caption=caption_bundle, segment_every=segment_every, caption_every_s=caption_every,
+                         caption_every_frames=caption_every_frames, save=save, jsonl=jsonl, stats_json=stats_json,
+                         precision=precision, backend=backend, threads=threads, score_threshold=score_threshold,
+                         iou_threshold=iou_threshold, max_detections=max_detections, max_length=max_length,
+                         classes=run_classes, track=track, realtime=realtime, reconnect=not no_reconnect,
+                         max_frames=max_frames, show=show, progress=not no_progress)
     try:
-        for role, path in roles.items():
-            if path is not None:
-                tasks[role] = runtime.load(path, precision=precision, backend=backend, threads=threads, **overrides[role])
-                if tasks[role].bundle.task != role:
-                    raise UsageError(f"--{role} {path} is a {tasks[role].bundle.task} bundle")
-                if role == "detect" and new_classes is not None:
-                    if not callable(getattr(tasks[role], "set_vocabulary", None)):
-                        raise UsageError(f"{path}: this {tasks[role].bundle.family} bundle has a fixed vocabulary; "
-                                         "--classes needs a kdeov bundle exported with --vocab-mode input")
-                    tasks[role].set_vocabulary(new_classes)  # a baked bundle or no text_encoder: one clear error
-        tracker = None
-        if track:
-            if "detect" not in tasks:
-                raise UsageError("--track needs a detection bundle")
-            from vlexport.runtime.tracking import Tracker
-
-            tracker = Tracker()
-        src = open_source(source, realtime=realtime, reconnect=not no_reconnect)
-        main = next(tasks[r] for r in ("detect", "segment", "caption") if r in tasks)
-        extra = {r: t for r, t in tasks.items() if t is not main}
-        try:
-            stats = run_on_source(main, src, save=save, jsonl=jsonl, progress=not no_progress, show=show,
-                                  max_frames=max_frames, segment=extra.get("segment"), segment_every=segment_every,
-                                  caption=extra.get("caption"), caption_every_s=caption_every,
-                                  caption_every_frames=caption_every_frames, tracker=tracker)
-        except KeyboardInterrupt as e:
-            stats = getattr(e, "stats", None)
-            if stats is not None:
-                click.echo(stats.summary(), err=True)
-                if stats_json is not None:
-                    write_json_atomic(stats_json, stats.to_dict())
-            raise
-        click.echo(stats.summary())
-        if stats_json is not None:
-            write_json_atomic(stats_json, stats.to_dict())
-    finally:
-        if src is not None:
-            src.close()
-        for task in tasks.values():
-            task.close()
+        stats = run_bundles(request)
+    except KeyboardInterrupt as e:  # the outputs are complete; say what was done, then exit 130
+        if getattr(e, "stats", None) is not None:
+            click.echo(e.stats.summary(), err=True)
+        raise
+    click.echo(stats.summary())

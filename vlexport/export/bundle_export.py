@@ -32,6 +32,7 @@ from vlexport.export.fp16 import (
 from vlexport.export.onnx_export import DEFAULT_OPSET, export_part
 from vlexport.export.parity import check_parity, torch_outputs
 from vlexport.export.part import Part
+from vlexport.runtime.manifest import CalibrationRecord, Manifest, PartRecord, ValidationRecord
 
 log = logging.getLogger("vlexport")
 
@@ -274,46 +275,51 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
         vocabulary = dict(plan.vocabulary) if plan.vocabulary else None
         if plan.vocab_arrays is not None and vocabulary is not None:
             vocabulary["file"] = writer.write_vocab(*plan.vocab_arrays)
-        manifest = {
-            "family": plan.family,
-            "task": plan.task,
-            "preset": plan.preset,
-            "provenance": {
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "opset": opset,
-                "python": platform.python_version(),
-                **plan.provenance,
+        manifest = Manifest(
+            family=plan.family,
+            task=plan.task,
+            preset=plan.preset,
+            preprocess=plan.preprocess,
+            vocabulary=vocabulary,
+            # The files dicts are shared with parts_manifest, so a later drop() shows in the manifest.
+            parts={name: PartRecord(name=name, io=runs[name][0].io, files=entry["files"])
+                   for name, entry in parts_manifest.items()},
+            postprocess=plan.postprocess,
+            validation=ValidationRecord(parity=parity, refused=refused, extra={
+                "parity_images": {"source": plan.parity_source, "count": int(plan.parity_images.shape[0])},
+                **family_checks}),
+            extra={
+                "provenance": {
+                    "torch": torch.__version__,
+                    "onnx": onnx.__version__,
+                    "opset": opset,
+                    "python": platform.python_version(),
+                    **plan.provenance,
+                },
+                "model": plan.model,
+                "warnings": plan.warnings,
+                **({"fp16": extra["fp16"]} if "fp16" in extra else {}),
+                **plan.extra_manifest,
             },
-            "model": plan.model,
-            "preprocess": plan.preprocess,
-            "vocabulary": vocabulary,
-            "parts": parts_manifest,
-            "postprocess": plan.postprocess,
-            "validation": {"parity": parity, "parity_images": {"source": plan.parity_source,
-                                                               "count": int(plan.parity_images.shape[0])},
-                           **family_checks, **({"refused": refused} if refused else {})},
-            "warnings": plan.warnings,
-        }
-        if "fp16" in extra:
-            manifest["fp16"] = extra["fp16"]
-        manifest.update(plan.extra_manifest)
+        )
         metrics: dict[str, dict[str, float]] = {}
         gate_rounds: list[dict[str, Any]] = []
         if prec.int8:
-            manifest["calibration"] = {
-                "target": prec.int8_target, "method": prec.calib_method, "source": calib.source,
-                "kind": calib.kind, "count": len(calib.frames), "seed": prec.calib_seed, "sha256": calib.sha256,
-                "excluded_nodes": {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()},
-                "weight_only": extra.get("weight_only", {}),
-            }
+            manifest.calibration = CalibrationRecord(
+                target=prec.int8_target, weight_only=extra.get("weight_only", {}),
+                extra={"method": prec.calib_method, "source": calib.source, "kind": calib.kind,
+                       "count": len(calib.frames), "seed": prec.calib_seed, "sha256": calib.sha256,
+                       "excluded_nodes": {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()}},
+            )
             if prec.val and not extra.get("int8"):
                 log.warning("no INT8 graph left to gate on --val %s", prec.val)
             elif prec.val and _is_labelled(prec.val):
                 from vlexport.calibration.gate import GateRefused, run_accuracy_gate
 
                 try:
-                    metrics, gate_rounds = run_accuracy_gate(writer, manifest, plan, prec, extra["int8"], calib)
+                    # The gate reads the manifest as JSON data and stages it with writer.provisional().
+                    metrics, gate_rounds = run_accuracy_gate(writer, manifest.to_dict(), plan, prec, extra["int8"],
+                                                             calib)
                 except GateRefused as e:
                     if prec.strict:
                         raise
@@ -321,11 +327,12 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                     metrics, gate_rounds = e.metrics, e.rounds
                     key = f"{next(iter(extra['int8']))}/int8"
                     drop(key, str(e))
-                    manifest["validation"]["refused"] = dict(refused)
                     log.warning("%s refused, it is not in the bundle: %s; --strict makes this an error", key, e)
-                manifest["calibration"]["excluded_nodes"] = {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()}
-                manifest["validation"]["metrics"] = metrics
-                manifest["validation"]["gate"] = {"data": prec.val, "max_drop": prec.max_drop, "rounds": gate_rounds}
+                manifest.calibration.extra["excluded_nodes"] = {k: v["excluded_nodes"]
+                                                                for k, v in extra.get("int8", {}).items()}
+                manifest.validation.extra["metrics"] = metrics
+                manifest.validation.extra["gate"] = {"data": prec.val, "max_drop": prec.max_drop,
+                                                     "rounds": gate_rounds}
         path = writer.commit(manifest)
     files_written = sorted(p.name for p in path.iterdir())
     return ExportReport(path=path, parity=parity, files=files_written, seconds=time.perf_counter() - t0,

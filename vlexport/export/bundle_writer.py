@@ -1,16 +1,19 @@
 """Write a bundle folder atomically.
 
 Files are written into a hidden staging folder beside the target. ``commit()`` hashes every
-file, writes ``manifest.json`` last (temp file + rename) and only then moves the staging
+file, writes ``manifest.json`` last (with :func:`vlexport.runtime.manifest.write_manifest`, the
+one manifest writer: temp file + rename) and only then moves the staging
 folder into place. Any exception, Ctrl-C included, removes the staging folder, so an
 interrupted export never leaves a folder that looks like a bundle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from vlexport import __version__
-from vlexport.atomic import write_json_atomic
 from vlexport.errors import OutputError
-from vlexport.runtime.bundle import MANIFEST, SCHEMA, sha256_file
+from vlexport.runtime.bundle import sha256_file
+from vlexport.runtime.manifest import MANIFEST, SCHEMA, Manifest, parse_manifest, write_manifest
 
 
 class BundleWriter:
@@ -69,25 +72,23 @@ class BundleWriter:
         np.savez(self.path(rel), classes=np.asarray(classes, dtype=np.str_), embeddings=embeddings.astype(np.float32))
         return rel
 
-    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+    def _write_manifest(self, manifest: Manifest | Mapping[str, Any]) -> None:
         if self.staging is None:
             raise RuntimeError("BundleWriter used outside its context")
+        # Checked as the runtime will read it (a bad field names itself) before anything is hashed.
+        data = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
+        typed = parse_manifest(data, MANIFEST, draft=True)
         (self.staging / MANIFEST).unlink(missing_ok=True)
         files = {}
         for p in sorted(self.staging.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(self.staging).as_posix()
                 files[rel] = f"sha256:{sha256_file(p)}"
-        full = {
-            "schema": SCHEMA,
-            **manifest,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "vlexport": __version__,
-            "files": files,
-        }
-        write_json_atomic(self.staging / MANIFEST, full)
+        stamp = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vlexport": __version__}
+        full = dataclasses.replace(typed, schema=SCHEMA, files=files, extra={**typed.extra, **stamp})
+        write_manifest(self.staging / MANIFEST, full)
 
-    def provisional(self, manifest: dict[str, Any]) -> Path:
+    def provisional(self, manifest: Manifest | Mapping[str, Any]) -> Path:
         """Make the hidden staging folder a readable bundle (for evaluating it before publishing).
 
         The folder stays hidden and is removed on failure; :meth:`commit` rewrites the manifest.
@@ -95,7 +96,7 @@ class BundleWriter:
         self._write_manifest(manifest)
         return self.staging
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
+    def commit(self, manifest: Manifest | Mapping[str, Any]) -> Path:
         """Hash every staged file, write the manifest last and move the bundle into place."""
         self._write_manifest(manifest)
         backup = None

@@ -22,7 +22,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.command import (PRECISION_OPTIONS, FamilyCommand, PrecisionFields, clip_activation_option,
                                      default_out, own_fields, precision_from)
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
 
@@ -214,7 +214,7 @@ def build_plan(opts: CaptionerExportOptions | Options) -> ExportPlan:
     encoder = Part(
         name="encoder",
         module=CaptionEncoderGraph(model).eval(),
-        io=PartIO(inputs=(TensorSpec("images", "float32", ("batch", 3, size, size)),),
+        io=PartSignature(inputs=(TensorSpec("images", "float32", ("batch", 3, size, size)),),
                   outputs=(TensorSpec("prefix", "float32", ("batch", p, d)),
                            TensorSpec("boxes", "float32", ("batch", p, 4)),
                            TensorSpec("objectness", "float32", ("batch", p)),
@@ -243,7 +243,7 @@ def build_plan(opts: CaptionerExportOptions | Options) -> ExportPlan:
     decoder = Part(
         name="decoder",
         module=step,
-        io=PartIO(inputs=(TensorSpec("prefix_embeds", "float32", ("batch", "prefix", d)),
+        io=PartSignature(inputs=(TensorSpec("prefix_embeds", "float32", ("batch", "prefix", d)),
                           TensorSpec("input_ids", "int64", ("batch", "tokens")),
                           TensorSpec("attention_mask", "int64", ("batch", "total")),
                           TensorSpec("past_key_values", "float32", (L, 2, "batch", H, "past", hd))),

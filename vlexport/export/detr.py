@@ -35,7 +35,7 @@ from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOpt
 from vlexport.export.command import PRECISION_OPTIONS, FamilyCommand, PrecisionFields, default_out, own_fields, precision_from
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.runtime.detr_preprocess import IMAGENET_MEAN, IMAGENET_STD, detr_preprocess
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
 
@@ -364,7 +364,7 @@ def build_plan(opts: DETRExportOptions | Options) -> ExportPlan:
         name="detector",
         module=graph,
         reference=graph.reference,
-        io=PartIO(inputs=(TensorSpec("images", "float32", (1, 3, "height", "width")),
+        io=PartSignature(inputs=(TensorSpec("images", "float32", (1, 3, "height", "width")),
                           TensorSpec("orig_size", "float32", (1, 2))),
                   outputs=tuple(outputs)),
         make_inputs=lambda s: s.inputs(),

@@ -30,7 +30,7 @@ from vlexport.export.samples import parity_batch, yolo_preprocess
 from vlexport.models.kdeov.checkpoint import KDEOVCheckpoint
 from vlexport.models.kdeov.model import best_folded_similarity
 from vlexport.runtime.bundle import sha256_file
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
 
@@ -306,7 +306,7 @@ def build_plan(opts: KDEOVExportOptions | Options) -> ExportPlan:
     det_inputs = [TensorSpec("images", "float32", (batch, 3, size, size))]
     if not baked:
         det_inputs.append(TensorSpec("text_embeddings", "float32", ("num_classes", text_encoder.embed_dim)))
-    det_io = PartIO(
+    det_io = PartSignature(
         inputs=tuple(det_inputs),
         outputs=(TensorSpec("boxes", "float32", (batch, "anchors", 4)),
                  TensorSpec("scores", "float32", (batch, "anchors")),
@@ -330,7 +330,7 @@ def build_plan(opts: KDEOVExportOptions | Options) -> ExportPlan:
     encoder = Part(
         name="image_encoder",
         module=ImageEncoderGraph(model),
-        io=PartIO(inputs=(TensorSpec("images", "float32", (batch, 3, size, size)),),
+        io=PartSignature(inputs=(TensorSpec("images", "float32", (batch, 3, size, size)),),
                   outputs=(TensorSpec("embeddings", "float32", (batch, text_encoder.embed_dim)),)),
         make_inputs=lambda x: (x,),
         tolerances={"fp32": {"embeddings": OutputTolerance(max_abs=1e-4)},
@@ -457,7 +457,7 @@ def _text_encoder_part(text_encoder, classes: list[str], templates: tuple[str, .
         name="text_encoder",
         module=TextEncoderGraph(text_encoder, any_length),
         reference=(lambda t: text_encoder(F.pad(t, (0, context - t.shape[1])))) if any_length else None,
-        io=PartIO(inputs=(TensorSpec("tokens", "int64", ("prompts", "length" if any_length else context)),),
+        io=PartSignature(inputs=(TensorSpec("tokens", "int64", ("prompts", "length" if any_length else context)),),
                   outputs=(TensorSpec("embeddings", "float32", ("prompts", text_encoder.embed_dim)),)),
         make_inputs=lambda _images: (tokens,),
         tolerances={"fp32": {"embeddings": OutputTolerance(max_abs=1e-4)},

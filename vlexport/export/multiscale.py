@@ -38,7 +38,7 @@ from vlexport.export.command import PRECISION_OPTIONS, FamilyCommand, PrecisionF
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch
 from vlexport.runtime.bundle import sha256_file
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
 
@@ -294,7 +294,7 @@ def build_plan(opts: MultiScaleExportOptions | Options) -> ExportPlan:
         name="segmenter",
         module=fuse_batchnorm(model),
         reference=model,  # parity against the model as trained (BatchNorm unfolded)
-        io=PartIO(inputs=(TensorSpec("images", "float32", (1, 3, size, size)),),
+        io=PartSignature(inputs=(TensorSpec("images", "float32", (1, 3, size, size)),),
                   outputs=(TensorSpec("logits", "float32", (1, 1, size, size)),)),
         make_inputs=lambda x: (x,),
         tolerances={"fp32": {"logits": OutputTolerance(max_abs=fp32_tol)},

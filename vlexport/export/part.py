@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vlexport.runtime.spec import PartIO
+from vlexport.runtime.spec import PartSignature
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Part:
 
     name: str
     module: torch.nn.Module
-    io: PartIO
+    io: PartSignature
     make_inputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     tolerances: dict[str, dict[str, OutputTolerance]] = field(default_factory=dict)
     reference: Callable[..., object] | None = None

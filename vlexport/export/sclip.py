@@ -24,7 +24,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.command import (PRECISION_OPTIONS, FamilyCommand, PrecisionFields, clip_activation_option,
                                      default_out, own_fields, precision_from)
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
 
@@ -207,7 +207,7 @@ def build_plan(opts: SCLIPExportOptions | Options) -> ExportPlan:
         # Crops are slide_crop x slide_crop, except for frames whose resized side is shorter than
         # the crop (the long-side cap): their windows are min(crop, H) x min(crop, W), as in SCLIP,
         # so the crop's height and width are dynamic axes (positional interpolation in-graph).
-        io=PartIO(inputs=(TensorSpec("crops", "float32", ("crops", 3, "crop_height", "crop_width")),),
+        io=PartSignature(inputs=(TensorSpec("crops", "float32", ("crops", 3, "crop_height", "crop_width")),),
                   outputs=(TensorSpec("logits", "float32", ("crops", q, "crop_height", "crop_width")),)),
         make_inputs=lambda x: (x,),
         tolerances={"fp32": {"logits": OutputTolerance(max_abs=1e-3, min_agreement=0.999, argmax_axis=1)},
@@ -259,7 +259,7 @@ def _refiner_part(seg) -> Part:
     return Part(
         name="refiner",
         module=_Refiner(PAMR(cfg.pamr_steps, cfg.pamr_dilations)).eval(),
-        io=PartIO(inputs=(TensorSpec("guide", "float32", (1, 3, "height", "width")),
+        io=PartSignature(inputs=(TensorSpec("guide", "float32", (1, 3, "height", "width")),
                           TensorSpec("mask", "float32", (1, q, "height", "width"))),
                   outputs=(TensorSpec("refined", "float32", (1, q, "height", "width")),)),
         # Parity on a crop and its own logits: what the runtime feeds at the source size.

@@ -21,7 +21,7 @@ from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOpt
 from vlexport.export.command import PRECISION_OPTIONS, FamilyCommand, PrecisionFields, default_out, own_fields, precision_from
 from vlexport.export.samples import parity_batch, yolo_preprocess
 from vlexport.runtime.bundle import sha256_file
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
 
@@ -179,7 +179,7 @@ def build_plan(opts: YoloExportOptions | Options) -> ExportPlan:
         name="detector",
         module=graph,
         reference=graph.reference,
-        io=PartIO(inputs=(TensorSpec("images", "float32", (batch, 3, size, size)),),
+        io=PartSignature(inputs=(TensorSpec("images", "float32", (batch, 3, size, size)),),
                   outputs=(TensorSpec("boxes", "float32", (batch, "anchors", 4)),
                            TensorSpec("scores", "float32", (batch, "anchors")),
                            TensorSpec("class_ids", "int32", (batch, "anchors")))),

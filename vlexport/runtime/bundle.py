@@ -1,26 +1,37 @@
 """Read and verify a bundle folder (the writer lives in ``vlexport.export.bundle_writer``).
 
 A bundle is a folder whose ``manifest.json`` (written last by the exporter) lists every file
-with its sha256. Nothing here unpickles anything.
+with its sha256. The manifest is typed and validated by :mod:`vlexport.runtime.manifest`; the
+one edit made in place, recording a TensorRT engine built on the target, goes through
+:meth:`Bundle.record_engine` and the one atomic writer. Nothing here unpickles anything.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vlexport.errors import BundleError
-from vlexport.runtime.spec import PartIO
+from vlexport.errors import BundleError, OutputError
+from vlexport.runtime.manifest import (
+    MANIFEST,
+    PRECISIONS,
+    SCHEMA,
+    EngineRecord,
+    Manifest,
+    PartRecord,
+    Section,
+    parse_manifest,
+    read_manifest,
+    write_manifest,
+)
 
-SCHEMA = "vlexport.bundle/1"
-MANIFEST = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
+__all__ = ["Bundle", "PartRecord", "sha256_file", "MANIFEST", "SCHEMA", "PRECISIONS"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -32,26 +43,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class PartInfo:
-    """One exported graph: its tensor contract and its files per precision."""
-
-    name: str
-    io: PartIO
-    files: dict[str, str]
-    engines: dict[str, Any]
-
-    @property
-    def precisions(self) -> list[str]:
-        return [p for p in PRECISIONS if p in self.files]
-
-
 class Bundle:
-    """A verified view of a bundle folder. Use :meth:`open`."""
+    """A verified view of a bundle folder. Use :meth:`open`.
 
-    def __init__(self, root: Path, manifest: dict[str, Any]):
+    :attr:`meta` is the typed manifest (:class:`~vlexport.runtime.manifest.Manifest`);
+    :attr:`manifest` the same as plain JSON data, for callers that read it as a dict.
+    """
+
+    def __init__(self, root: Path, manifest: Manifest | Mapping[str, Any]):
         self.root = root
-        self.manifest = manifest
+        self.meta: Manifest = manifest if isinstance(manifest, Manifest) else parse_manifest(manifest, root / MANIFEST)
+        self._raw: dict[str, Any] | None = None
         self._verified: set[str] = set()
 
     # -- opening -----------------------------------------------------------------------
@@ -67,19 +69,74 @@ class Bundle:
             raise BundleError(
                 f"{root} is not a bundle: it has no {MANIFEST} (an interrupted export leaves none; export again)"
             )
+        return cls(root.resolve(), read_manifest(mpath))
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as plain JSON data (read-only by convention: write through :meth:`record_engine`)."""
+        if self._raw is None:
+            self._raw = self.meta.to_dict()
+        return self._raw
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def reload(self) -> None:
+        """Re-read the manifest from disk (another process may have recorded an engine); files
+        whose hash entry did not change stay verified, so nothing is hashed again."""
+        old = dict(self.meta.files)
+        self._set(read_manifest(self.manifest_path))
+        self._verified = {rel for rel in self._verified if self.meta.files.get(rel) == old.get(rel)}
+
+    def _set(self, manifest: Manifest) -> None:
+        self.meta = manifest
+        self._raw = None
+
+    # -- recording engines (the manifest's only in-place edit) -------------------------
+    def _rewrite(self, edit: Any) -> None:
+        """Apply ``edit(manifest)`` to a copy, write it atomically, then adopt it; if the write
+        fails, the file on disk and this object both keep the previous manifest."""
+        new = copy.deepcopy(self.meta)
+        edit(new)
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is corrupt, export it again") from e
-        if not isinstance(manifest, dict):
-            raise BundleError(f"{mpath} does not hold a JSON object; the bundle is corrupt")
-        schema = manifest.get("schema")
-        if schema != SCHEMA:
-            raise BundleError(f"{root}: unknown bundle schema {schema!r}; this vlexport reads {SCHEMA!r}")
-        for key in ("family", "task", "parts", "files", "preprocess"):
-            if key not in manifest:
-                raise BundleError(f"{mpath} lacks the required key {key!r}; the bundle is corrupt")
-        return cls(root.resolve(), manifest)
+            write_manifest(self.manifest_path, new)
+        except OSError as e:
+            raise OutputError(
+                f"cannot update {self.manifest_path}: {e.strerror or e}; make the bundle folder writable"
+            ) from e
+        self._set(new)
+
+    def forget_engine(self, part: str, precision: str, file: str | None = None) -> None:
+        """Drop the engine recorded for (part, precision), and ``file``'s hash, from the manifest
+        (before the file's bytes are replaced, so the manifest never lists a stale hash)."""
+        self.part(part)
+
+        def edit(m: Manifest) -> None:
+            m.parts[part].engines.pop(precision, None)
+            if file is not None:
+                m.files.pop(file, None)
+
+        self._rewrite(edit)
+
+    def record_engine(self, part: str, precision: str, record: EngineRecord) -> set[str]:
+        """Record ``record`` as the engine of (part, precision) with its file's hash, atomically.
+
+        Returns the files of the engine it replaced that the manifest no longer lists (for the
+        caller to delete now that nothing refers to them).
+        """
+        old = self.part(part).engines.get(precision)
+        stale = {old.file} - {record.file} if old is not None else set()
+
+        def edit(m: Manifest) -> None:
+            m.parts[part].engines[precision] = record
+            for rel in stale:
+                m.files.pop(rel, None)
+            m.files[record.file] = record.sha256
+
+        self._rewrite(edit)
+        self._verified.discard(record.file)
+        return stale
 
     # -- paths and hashes --------------------------------------------------------------
     def path_of(self, rel: str) -> Path:
@@ -96,7 +153,7 @@ class Bundle:
         path = self.path_of(rel)
         if rel in self._verified:
             return path
-        expected = self.manifest["files"].get(rel)
+        expected = self.meta.files.get(rel)
         if expected is None:
             raise BundleError(f"{self.root}: file {rel!r} is not listed in the manifest's hashes")
         if not path.is_file():
@@ -115,50 +172,53 @@ class Bundle:
 
     def verify_all(self) -> list[str]:
         """Verify every file listed in the manifest; returns their names."""
-        for rel in self.manifest["files"]:
+        for rel in self.meta.files:
             self.verify(rel)
-        return list(self.manifest["files"])
+        return list(self.meta.files)
 
     # -- accessors ---------------------------------------------------------------------
     @property
     def family(self) -> str:
-        return self.manifest["family"]
+        return self.meta.family
 
     @property
     def task(self) -> str:
-        return self.manifest["task"]
+        return self.meta.task
 
     @property
     def preprocess(self) -> dict[str, Any]:
-        return self.manifest["preprocess"]
+        return self.meta.preprocess
 
     @property
     def postprocess(self) -> dict[str, Any]:
-        return self.manifest.get("postprocess", {})
+        return self.meta.postprocess or {}
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest.get("vocabulary", {}).get("classes", []))
+        return self.meta.classes
 
-    def part(self, name: str) -> PartInfo:
-        parts = self.manifest["parts"]
+    def section(self, name: str) -> Section:
+        """A manifest section (``preprocess``, ``postprocess``, ``segment``, ``caption``, ...) with
+        typed, checked reads; errors name this bundle."""
+        return self.meta.section(name, where=str(self.root))
+
+    def part(self, name: str) -> PartRecord:
+        parts = self.meta.parts
         if name not in parts:
             raise BundleError(f"{self.root}: no part {name!r} in this bundle (it has {sorted(parts)})")
-        p = parts[name]
-        return PartInfo(name=name, io=PartIO.from_dict(p), files=dict(p.get("files", {})), engines=dict(p.get("engines", {})))
+        return parts[name]
 
     def refused(self, part: str) -> dict[str, str]:
         """Precisions of ``part`` the export left out because they failed their checks: precision -> why."""
-        refused = (self.manifest.get("validation") or {}).get("refused") or {}
-        return {key.partition("/")[2]: str(why) for key, why in refused.items() if key.partition("/")[0] == part}
+        return self.meta.refused(part)
 
     @property
     def part_names(self) -> list[str]:
-        return list(self.manifest["parts"])
+        return list(self.meta.parts)
 
     def load_vocab(self) -> dict[str, np.ndarray]:
         """The vocabulary arrays (``classes``, ``embeddings``) from the verified vocab file."""
-        vocab = self.manifest.get("vocabulary") or {}
+        vocab = self.meta.vocabulary or {}
         rel = vocab.get("file")
         if not rel:
             raise BundleError(f"{self.root}: this bundle has no vocabulary file")

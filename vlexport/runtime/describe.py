@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from vlexport.runtime.bundle import Bundle
+from vlexport.runtime.manifest import ValidationRecord
+from vlexport.runtime.spec import TensorSpec
 
 
 def _fmt_size(n: int) -> str:
@@ -15,8 +17,8 @@ def _fmt_size(n: int) -> str:
     return f"{n} B"
 
 
-def _shape(spec: dict) -> str:
-    return "[" + ", ".join(str(d) for d in spec["shape"]) + "]"
+def _tensor(spec: TensorSpec) -> str:
+    return f"{spec.name} {spec.dtype}[" + ", ".join(str(d) for d in spec.shape) + "]"
 
 
 def _weights_state(record: dict) -> str:
@@ -33,11 +35,12 @@ def _weights_state(record: dict) -> str:
 
 def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
     """A few screens of text: identity, provenance, pre/post-processing, parts, parity, backend."""
-    m = bundle.manifest
+    m = bundle.meta
+    other = m.extra  # the sections the runtime does not type: provenance, fp16, warnings, ...
     lines = [f"bundle     {bundle.root}",
-             f"family     {m['family']}   task {m['task']}   preset {m.get('preset', '?')}",
-             f"created    {m.get('created', '?')} by vlexport {m.get('vlexport', '?')}   schema {m['schema']}"]
-    prov = m.get("provenance", {})
+             f"family     {m.family}   task {m.task}   preset {m.preset if m.preset is not None else '?'}",
+             f"created    {other.get('created', '?')} by vlexport {other.get('vlexport', '?')}   schema {m.schema}"]
+    prov = other.get("provenance", {})
     if prov:
         lines.append(f"exported   torch {prov.get('torch')}  onnx {prov.get('onnx')}  opset {prov.get('opset')}")
         te = prov.get("text_encoder")
@@ -47,45 +50,46 @@ def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
                          f"sha256 {str(te.get('weights_sha256'))[:12]}…")
         if "weights_source" in prov or "student_trained" in prov:
             lines.append(f"weights    {_weights_state(prov)}")
-    pre = m["preprocess"]
+    pre = m.preprocess
     lines.append(f"preprocess {_resize_rule(pre)}, {pre.get('color')}, "
                  f"scale {pre.get('scale'):.6g}, mean {pre.get('mean')}, std {pre.get('std')}")
-    post = m.get("postprocess") or {}
+    post = m.postprocess or {}
     if post:
         lines.append("postprocess " + ", ".join(f"{k} {v}" for k, v in post.items()))
-    vocab = m.get("vocabulary") or {}
+    vocab = m.vocabulary or {}
     if vocab:
         classes = vocab.get("classes", [])
         head = ", ".join(classes[:8]) + (f", … ({len(classes)} in all)" if len(classes) > 8 else "")
         lines.append(f"vocabulary {len(classes)} classes, templates {vocab.get('templates')}, mode {vocab.get('mode')}: {head}")
     lines.append("parts")
-    for name, part in m["parts"].items():
-        ins = ", ".join(f"{s['name']} {s['dtype']}{_shape(s)}" for s in part["inputs"])
-        outs = ", ".join(f"{s['name']} {s['dtype']}{_shape(s)}" for s in part["outputs"])
+    for name, part in m.parts.items():
+        ins = ", ".join(_tensor(s) for s in part.io.inputs)
+        outs = ", ".join(_tensor(s) for s in part.io.outputs)
         lines.append(f"  {name}: {ins} → {outs}")
-        for prec, rel in part.get("files", {}).items():
+        for prec, rel in part.files.items():
             path = bundle.path_of(rel)
             size = _fmt_size(path.stat().st_size) if path.is_file() else "MISSING"
             lines.append(f"    {prec:<5} {rel} ({size})")
-        for key, eng in (part.get("engines") or {}).items():
-            lines.append(f"    engine {key}: {eng}")
-    parity = (m.get("validation") or {}).get("parity") or {}
+        for key, eng in part.engines.items():
+            lines.append(f"    engine {key}: {eng.to_dict()}")
+    validation = m.validation or ValidationRecord()
+    parity = validation.parity
     if parity:
         lines.append("parity vs PyTorch")
         for key, outs in parity.items():
             figs = "; ".join(f"{o}: " + " ".join(f"{k} {v:.3g}" for k, v in vals.items() if k in ("max_abs", "cosine", "agreement"))
                              for o, vals in outs.items())
             lines.append(f"  {key:<24} {figs}")
-    for key, why in ((m.get("validation") or {}).get("refused") or {}).items():
+    for key, why in validation.refused.items():
         lines.append(f"refused    {key}: {why}")
-    for name, info in (m.get("fp16") or {}).items():
+    for name, info in (other.get("fp16") or {}).items():
         if isinstance(info, dict) and "nodes" in info and "refused" not in info:
             rounds = max(0, len(info.get("rounds") or []) - 1)
             lines.append(f"fp16       {name}: {info.get('fp32_nodes')} of {info['nodes']} node(s) kept in FP32"
                          + (f" ({rounds} round(s) of island search)" if rounds else ""))
-    for w in m.get("warnings") or []:
+    for w in other.get("warnings") or []:
         lines.append(f"warning    {w}")
-    lines.append(f"files      {len(m['files'])} listed" + (", all sha256 verified" if verified else " (not verified)"))
+    lines.append(f"files      {len(m.files)} listed" + (", all sha256 verified" if verified else " (not verified)"))
     from vlexport.runtime.backends import describe_backends, preferred_backend
 
     backends = describe_backends()

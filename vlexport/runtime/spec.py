@@ -61,8 +61,8 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class PartIO:
-    """The inputs and outputs of one exported part."""
+class PartSignature:
+    """The inputs and outputs of one exported part (its tensor contract)."""
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...] = field(default_factory=tuple)
@@ -71,7 +71,7 @@ class PartIO:
         return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PartIO":
+    def from_dict(cls, d: dict[str, Any]) -> "PartSignature":
         return cls(
             inputs=tuple(TensorSpec.from_dict(x) for x in d.get("inputs", [])),
             outputs=tuple(TensorSpec.from_dict(x) for x in d.get("outputs", [])),

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from vlexport.errors import DependencyError, UsageError
 from vlexport.runtime.backends.base import Backend
+from vlexport.runtime.engine_cache import engine_precisions
 
 if TYPE_CHECKING:
-    from vlexport.runtime.bundle import Bundle, PartInfo
+    from vlexport.runtime.bundle import Bundle, PartRecord
 
 __all__ = [
     "Backend",
@@ -103,7 +104,7 @@ def _describe_trt() -> dict[str, Any]:
     if why is not None:
         return {"name": TENSORRT, "available": False, "reason": why}
     try:
-        from vlexport.runtime.engines import current_device
+        from vlexport.runtime.backends.tensorrt_build import current_device
 
         version, gpu = current_device()
     except DependencyError as e:
@@ -172,11 +173,9 @@ def create_backend(path: str | os.PathLike, backend: str | None = None, threads:
     return factory(path, threads)
 
 
-def part_precisions(part: PartInfo, backend: str) -> list[str]:
+def part_precisions(part: PartRecord, backend: str) -> list[str]:
     """The precisions ``part`` can run in on ``backend`` (TensorRT builds fp16 from the fp32 ONNX)."""
     if backend == TENSORRT:
-        from vlexport.runtime.engines import engine_precisions
-
         return engine_precisions(part.files)
     return part.precisions
 
@@ -193,15 +192,16 @@ def open_part_backend(
     """Load one part of a bundle in ``precision``; returns the backend and the file it loaded.
 
     On TensorRT the engine for this device is built on first use (with a progress line) and
-    cached in the bundle (see :func:`vlexport.runtime.engines.ensure_engine`); on onnxruntime the
+    cached in the bundle (see :func:`vlexport.runtime.engine_cache.ensure_engine`); on onnxruntime the
     part's ONNX file is verified against the manifest and loaded.
     """
     name = resolve_backend(backend)
     info = bundle.part(part)
     if name == TENSORRT:
-        from vlexport.runtime.engines import ensure_engine
+        from vlexport.runtime.backends import tensorrt_build
 
-        engine = ensure_engine(bundle.root, part, precision, progress=progress)
+        # The open bundle itself: what it verified stays verified (no second open, no re-hashing).
+        engine = tensorrt_build.ensure_engine(bundle, part, precision, progress=progress)
         return _trt_module().TensorRTBackend(engine, io=info.io), engine
     if precision not in info.files:
         from vlexport.errors import BundleError

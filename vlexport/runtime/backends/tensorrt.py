@@ -17,7 +17,7 @@ import numpy as np
 
 from vlexport.errors import DependencyError, UsageError
 from vlexport.runtime.backends.base import Backend
-from vlexport.runtime.spec import PartIO, TensorSpec
+from vlexport.runtime.spec import PartSignature, TensorSpec
 
 __all__ = [
     "TensorRTBackend",
@@ -137,7 +137,7 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, engine_path: str | os.PathLike, device: int = 0, *, io: PartIO | None = None):
+    def __init__(self, engine_path: str | os.PathLike, device: int = 0, *, io: PartSignature | None = None):
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise UsageError(f"device must be a CUDA device index (0, 1, …), got {device!r}")
         self.path = Path(engine_path)
@@ -173,7 +173,7 @@ class TensorRTBackend(Backend):
             raise
 
     # -- description -------------------------------------------------------------------
-    def _describe(self, io: PartIO | None) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
+    def _describe(self, io: PartSignature | None) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
         trt, engine = self._trt, self._engine
         declared = {s.name: s for s in ((io.inputs + io.outputs) if io is not None else ())}
         inputs: list[TensorSpec] = []

@@ -82,7 +82,8 @@ class PartTask:
         # bad name or an unusable TensorRT fails before any hashing or engine build.
         self.backend_name: str = resolve_backend(backend)
         available = part_precisions(self.part, self.backend_name)
-        target = (self.bundle.manifest.get("calibration") or {}).get("target", "tensorrt")
+        calibration = self.bundle.meta.calibration
+        target = calibration.target if calibration is not None else "tensorrt"
         if target == "cpu" and self.backend_name == "tensorrt":
             available = [p for p in available if p != "int8"]  # uint8 Q/DQ is onnxruntime-only
         self.precision = choose_precision(available, precision, has_accelerator(self.backend_name), where, target,

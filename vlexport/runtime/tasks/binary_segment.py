@@ -27,6 +27,7 @@ import numpy as np
 
 from vlexport.errors import BundleError, UsageError
 from vlexport.runtime.bundle import Bundle
+from vlexport.runtime.manifest import check_number
 from vlexport.runtime.preprocess import LetterboxInfo
 from vlexport.runtime.results import FrameStamp
 from vlexport.runtime.segmentation import Segmentation
@@ -63,20 +64,11 @@ def logits_to_source(logits: np.ndarray, info: LetterboxInfo) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(region), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _threshold_value(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise UsageError(f"{what} must be a number strictly between 0 and 1, got {value!r}")
-    v = float(value)
-    if not 0.0 < v < 1.0:
-        raise UsageError(f"{what} must be a probability strictly between 0 and 1, got {value!r}")
-    return v
-
-
 def _settings(bundle: Bundle, threshold: Any) -> tuple[float, list[str]]:
     """(threshold, classes) from the manifest's ``segment`` section, with the override applied."""
     where = str(bundle.root)
-    seg = bundle.manifest.get("segment")
-    if not isinstance(seg, dict):
+    seg = bundle.section("segment")
+    if not seg.present:
         raise BundleError(f"{where}: the manifest has no 'segment' settings (threshold, classes)")
     pre = bundle.preprocess
     if pre.get("resize", "letterbox") != "letterbox":
@@ -85,11 +77,10 @@ def _settings(bundle: Bundle, threshold: Any) -> tuple[float, list[str]]:
     classes = seg.get("classes", bundle.classes)
     if not isinstance(classes, list) or len(classes) != 2 or not all(isinstance(c, str) and c for c in classes):
         raise BundleError(f"{where}: segment.classes must be [background name, object name], got {classes!r}")
-    try:
-        manifest_threshold = _threshold_value(seg.get("threshold", 0.5), "segment.threshold")
-    except UsageError as e:
-        raise BundleError(f"{where}: {e}") from None
-    value = manifest_threshold if threshold is None else _threshold_value(threshold, "threshold")
+    # A probability strictly inside (0, 1): its logit is the cut on the raw scores.
+    manifest_threshold = seg.number("threshold", 0.5, min=0, max=1, exclusive=True)
+    value = manifest_threshold if threshold is None else check_number(threshold, "threshold", min=0, max=1,
+                                                                      exclusive=True)
     return value, list(classes)
 
 

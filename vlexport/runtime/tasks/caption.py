@@ -22,7 +22,6 @@ non-empty axes, while the first step has an empty cache. The encoder runs on the
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 
 from vlexport.errors import BundleError, UsageError
 from vlexport.runtime.bundle import Bundle
+from vlexport.runtime.manifest import check_choice, check_number
 from vlexport.runtime.decoding import DecodeResult, beam_search, check_decode_options, decoder_feeds, greedy_decode
 from vlexport.runtime.preprocess import PIL_FILTERS, check_image, pil_resize
 from vlexport.runtime.results import Caption, FrameStamp
@@ -143,33 +143,17 @@ def regions_to_source(
 
 
 # -- settings -------------------------------------------------------------------------------
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
-
-
-def _number(value: Any) -> bool:
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-            and math.isfinite(float(value)))
-
-
 def _settings(bundle: Bundle, overrides: dict[str, Any]) -> dict[str, Any]:
     """The manifest's caption settings with ``overrides`` applied, every value checked."""
     where = str(bundle.root)
     unknown = sorted(set(overrides) - set(_OVERRIDES))
     if unknown:
         raise UsageError(f"unknown caption option(s) {unknown}; choose from {sorted(_OVERRIDES)}")
-    cap = bundle.manifest.get("caption")
-    if not isinstance(cap, dict):
+    cap = bundle.section("caption")
+    if not cap.present:
         raise BundleError(f"{where}: the manifest has no 'caption' settings (prefix_length, tokenizer, ...)")
-    out: dict[str, Any] = {}
-    for key in _SIZES:
-        if not _positive_int(cap.get(key)):
-            raise BundleError(f"{where}: caption.{key} must be a positive integer, got {cap.get(key)!r}")
-        out[key] = int(cap[key])
-    eos = cap.get("eos_token_id")
-    if not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < out["vocab_size"]:
-        raise BundleError(f"{where}: caption.eos_token_id must be a token id below {out['vocab_size']}, got {eos!r}")
-    out["eos_token_id"] = eos
+    out: dict[str, Any] = {key: cap.number(key, integer=True, min=1) for key in _SIZES}
+    out["eos_token_id"] = cap.number("eos_token_id", integer=True, min=0, max=out["vocab_size"] - 1)
     prompt = cap.get("prompt_ids", [])
     if not isinstance(prompt, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) and 0 <= i < out["vocab_size"] for i in prompt
@@ -185,20 +169,22 @@ def _settings(bundle: Bundle, overrides: dict[str, Any]) -> dict[str, Any]:
         raise BundleError(f"{where}: caption.region_classes must be a list of names, got {classes!r}")
     out["region_classes"] = list(classes)
 
-    dec = cap.get("decoding") or {}
+    dec = cap.section("decoding")
     manifest_values = {
         "max_length": cap.get("max_length", 30),
-        "method": dec.get("method", "greedy"),
         "num_beams": dec.get("num_beams", 3),
         "length_penalty": dec.get("length_penalty", 1.0),
         "repetition_penalty": dec.get("repetition_penalty", 1.0),
-        "objectness_threshold": cap.get("objectness_threshold", 0.5),
     }
-    # Bad manifest values are the bundle's fault; bad overrides the caller's.
+    # Bad manifest values are the bundle's fault (BundleError); bad overrides the caller's (UsageError).
     _check_options(manifest_values, lambda msg: BundleError(f"{where}: caption settings: {msg}"))
+    manifest_values["method"] = dec.choice("method", METHODS, "greedy")
+    manifest_values["objectness_threshold"] = cap.number("objectness_threshold", 0.5, min=0, max=1)
     given = {k: v for k, v in overrides.items() if v is not None}
     merged = {**manifest_values, **given}
     _check_options(merged, UsageError)
+    check_choice(merged["method"], "decoding method", METHODS)
+    check_number(merged["objectness_threshold"], "objectness_threshold", min=0, max=1)
     out.update(merged)
     out["max_length"] = int(out["max_length"])
     out["num_beams"] = int(out["num_beams"])
@@ -216,16 +202,13 @@ def _settings(bundle: Bundle, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_options(values: dict[str, Any], error: Any) -> None:
+    """The decoding options (max_length, num_beams and the penalties: decoding.py's checks)."""
     try:
         check_decode_options(values["max_length"], values["num_beams"], values["length_penalty"],
                              values["repetition_penalty"])
     except UsageError as e:
         raise error(str(e)) from None
-    if values["method"] not in METHODS:
-        raise error(f"decoding method must be one of {list(METHODS)}, got {values['method']!r}")
-    thr = values["objectness_threshold"]
-    if not _number(thr) or not 0.0 <= float(thr) <= 1.0:
-        raise error(f"objectness_threshold must be a number between 0 and 1, got {thr!r}")
+
 
 
 # -- the task -------------------------------------------------------------------------------
@@ -295,21 +278,19 @@ class CaptionTask(PartTask):
         return tok
 
     def _setup_preprocessing(self, where: str) -> None:
-        pre = self.bundle.preprocess
+        pre = self.bundle.section("preprocess")
         if pre.get("resize") != "clip":
             raise BundleError(f"{where}: preprocess resize {pre.get('resize')!r} is not supported for caption "
                               "(expected 'clip')")
-        interp = pre.get("interpolation", "bicubic")
-        if interp not in PIL_FILTERS:  # Pillow's filter of that name, as torchvision resizes a PIL image
-            raise BundleError(f"{where}: preprocess interpolation {interp!r} is not supported "
-                              f"(expected one of Pillow's filters {list(PIL_FILTERS)})")
+        # Pillow's filter of that name, as torchvision resizes a PIL image.
+        interp = pre.choice("interpolation", list(PIL_FILTERS), "bicubic")
         color = str(pre.get("color", "RGB")).upper()
         if color not in ("RGB", "BGR"):
             raise BundleError(f"{where}: preprocess color {color!r} is not supported (expected 'RGB' or 'BGR')")
         size = pre.get("size")
         if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
             size = size[0]
-        if not _positive_int(size):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise BundleError(f"{where}: preprocess size must be one positive integer (square input), got {size!r}")
         try:
             mean = np.broadcast_to(np.asarray(pre.get("mean", [0, 0, 0]), np.float64).reshape(-1), 3)
@@ -357,9 +338,9 @@ class CaptionTask(PartTask):
         accelerated = any(p != "CPUExecutionProvider" for p in providers)
         # A requested int8 applies to the encoder; the decoder has it only if it was quantised.
         requested = None if precision == "int8" and "int8" not in part.precisions else precision
-        calibration = self.bundle.manifest.get("calibration") or {}
-        target = calibration.get("target", "tensorrt")
-        if "decoder" in (calibration.get("weight_only") or {}):
+        calibration = self.bundle.meta.calibration
+        target = calibration.target if calibration is not None else "tensorrt"
+        if calibration is not None and "decoder" in (calibration.weight_only or {}):
             target = "cpu"  # 8-bit weights: the fastest decoder step on a CPU too (a step reads every weight)
         self.decoder_precision: str = choose_precision(part.precisions, requested, accelerated, where, target,
                                                        refused=self.bundle.refused("decoder"))

@@ -10,6 +10,7 @@ import numpy as np
 
 from vlexport.errors import BundleError, UsageError
 from vlexport.runtime.bundle import Bundle
+from vlexport.runtime.manifest import Section
 from vlexport.runtime.postprocess import select_detections
 from vlexport.runtime.preprocess import LetterboxInfo, scale_boxes_to_source
 from vlexport.runtime.results import Detections, FrameStamp
@@ -50,12 +51,12 @@ class DetectTask(PartTask):
     ):
         bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         # Validate the cheap things before hashing and loading the model.
-        post = _postprocess_settings(bundle.postprocess, overrides)
+        post = _postprocess_settings(bundle.section("postprocess"), overrides)
         self._threads = threads
         self._text_encoder: Any = None  # TextEncoder, loaded by the first set_vocabulary(names)
         super().__init__(bundle, precision=precision, backend=backend, threads=threads)
         self.settings: dict[str, Any] = post
-        vocab = self.bundle.manifest.get("vocabulary") or {}
+        vocab = self.bundle.meta.vocabulary or {}
         self.vocab_mode: str = vocab.get("mode", "baked")
         self.classes: list[str] = self.bundle.classes
         self._extra: dict[str, np.ndarray] = {}
@@ -188,22 +189,18 @@ class DetectTask(PartTask):
         return d
 
 
-def _postprocess_settings(manifest_post: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def _postprocess_settings(post: Section, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's post-processing settings with ``overrides`` (None keeps the manifest's), checked."""
     unknown = sorted(set(overrides) - set(_DEFAULTS))
     if unknown:
         raise UsageError(f"unknown detect option(s) {unknown}; choose from {sorted(_DEFAULTS)}")
-    settings = {k: manifest_post.get(k, v) for k, v in _DEFAULTS.items()}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("score_threshold", "iou_threshold"):
-        v = settings[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-            raise UsageError(f"{key} must be a number between 0 and 1, got {v!r}")
-        settings[key] = float(v)
-    m = settings["max_detections"]
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise UsageError(f"max_detections must be a positive integer, got {m!r}")
-    settings["max_detections"] = int(m)
-    if not isinstance(settings["class_agnostic"], (bool, np.bool_)):
-        raise UsageError(f"class_agnostic must be true or false, got {settings['class_agnostic']!r}")
-    settings["class_agnostic"] = bool(settings["class_agnostic"])
-    return settings
+    return {
+        "score_threshold": post.number("score_threshold", _DEFAULTS["score_threshold"], min=0, max=1,
+                                       override=overrides.get("score_threshold")),
+        "iou_threshold": post.number("iou_threshold", _DEFAULTS["iou_threshold"], min=0, max=1,
+                                     override=overrides.get("iou_threshold")),
+        "max_detections": post.number("max_detections", _DEFAULTS["max_detections"], integer=True, min=1,
+                                      override=overrides.get("max_detections")),
+        "class_agnostic": post.flag("class_agnostic", _DEFAULTS["class_agnostic"],
+                                    override=overrides.get("class_agnostic")),
+    }

@@ -16,6 +16,7 @@ import numpy as np
 
 from vlexport.errors import BundleError, UsageError
 from vlexport.runtime.bundle import Bundle
+from vlexport.runtime.manifest import check_number
 from vlexport.runtime.detr_preprocess import IMAGENET_MEAN, IMAGENET_STD, detr_preprocess
 from vlexport.runtime.results import Detections, FrameStamp
 from vlexport.runtime.tasks.base import IMAGE_INPUT, PartTask, now_ms
@@ -59,16 +60,15 @@ class DetrTask(PartTask):
             hint = " (DETR has no NMS)" if "iou_threshold" in names else ""
             raise UsageError(f"unknown DETR option(s) {names}{hint}; "
                              "choose from ['mask_threshold', 'max_detections', 'score_threshold']")
-        post = bundle.postprocess
+        post = bundle.section("postprocess")
         if post.get("type") != "detr":
             raise BundleError(f"{bundle.root}: postprocess type {post.get('type')!r} is not 'detr'")
-        self.score_threshold = _fraction("score_threshold", score_threshold, post.get("score_threshold", 0.7))
-        self.mask_threshold = _fraction("mask_threshold", mask_threshold, post.get("mask_threshold", 0.5))
-        if max_detections is not None and (isinstance(max_detections, bool) or not isinstance(max_detections, int)
-                                           or max_detections < 1):
-            raise UsageError(f"max_detections must be a positive integer, got {max_detections!r}")
-        self.max_detections: int | None = max_detections
-        self.has_masks = bool(post.get("masks", False))
+        self.score_threshold = post.number("score_threshold", 0.7, min=0, max=1, override=score_threshold)
+        self.mask_threshold = post.number("mask_threshold", 0.5, min=0, max=1, override=mask_threshold)
+        # No cap in the manifest: DETR keeps every query above the score threshold unless told.
+        self.max_detections: int | None = (
+            None if max_detections is None else check_number(max_detections, "max_detections", integer=True, min=1))
+        self.has_masks = post.flag("masks", False)
         super().__init__(bundle, precision=precision, backend=backend, threads=threads)
         self.classes: list[str] = self.bundle.classes
         self.timings = {}
@@ -172,10 +172,3 @@ def _masks_to_source(probs: np.ndarray, resized: tuple[int, int], source: tuple[
         up = cv2.resize(m, (rw, rh), interpolation=cv2.INTER_LINEAR) > cut
         out[i] = cv2.resize(up.view(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST).astype(bool)
     return out
-
-
-def _fraction(name: str, value: Any, default: Any) -> float:
-    v = default if value is None else value
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0.0 <= float(v) <= 1.0:
-        raise UsageError(f"{name} must be a number between 0 and 1, got {v!r}")
-    return float(v)

@@ -307,68 +307,42 @@ def labels_from_probabilities(
 
 
 # -- settings -------------------------------------------------------------------------------
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise UsageError(f"{what} must be a number, got {value!r}")
-    v = float(value)
-    if not np.isfinite(v):
-        raise UsageError(f"{what} must be finite, got {value!r}")
-    return v
-
-
 def _settings(bundle: Bundle, overrides: dict[str, Any]) -> dict[str, Any]:
     where = str(bundle.root)
     unknown = sorted(set(overrides) - set(_OVERRIDES))
     if unknown:
         raise UsageError(f"unknown segment option(s) {unknown}; choose from {sorted(_OVERRIDES)}")
-    seg = bundle.manifest.get("segment")
-    if not isinstance(seg, dict):
+    seg = bundle.section("segment")
+    if not seg.present:
         raise BundleError(f"{where}: the manifest has no 'segment' settings (slide_crop, slide_stride, ...)")
-    pre = bundle.preprocess
+    pre = bundle.section("preprocess")
     if pre.get("resize") != "short_side":
         raise BundleError(f"{where}: preprocess resize {pre.get('resize')!r} is not supported for segment "
                           "(expected 'short_side')")
     classes = bundle.classes
     if not classes:
         raise BundleError(f"{where}: the vocabulary lists no classes")
-    try:
-        crop, stride, short = int(seg["slide_crop"]), int(seg["slide_stride"]), int(pre["short_side"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{where}: segment needs integer slide_crop, slide_stride and preprocess short_side ({e})") \
-            from e
-    if crop < 1 or stride < 1 or stride > crop:
-        raise BundleError(f"{where}: slide_crop {crop} / slide_stride {stride} must be positive with stride <= crop")
-    max_long = pre.get("max_long_side")  # absent (hand-written manifests): no long-side cap
-    if max_long is not None and (isinstance(max_long, bool) or not isinstance(max_long, int) or max_long < 1):
-        raise BundleError(f"{where}: preprocess max_long_side must be a positive integer or absent, got {max_long!r}")
-    patch = seg.get("patch_size", 1)
-    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
-        raise BundleError(f"{where}: segment patch_size must be a positive integer, got {patch!r}")
+    crop = seg.number("slide_crop", integer=True, min=1)
+    stride = seg.number("slide_stride", integer=True, min=1, max=crop)
+    short = pre.number("short_side", integer=True, min=1)
+    max_long = pre.number("max_long_side", None, integer=True, min=1)  # absent (hand-written): no long-side cap
+    patch = seg.number("patch_size", 1, integer=True, min=1)
     q2c = seg.get("query_to_class", list(range(len(classes))))
     if (not isinstance(q2c, list) or not q2c
             or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(classes) for i in q2c)):
         raise BundleError(f"{where}: segment query_to_class must list class indices 0..{len(classes) - 1}")
-    bg = seg.get("background_index")
-    if bg is not None and (isinstance(bg, bool) or not isinstance(bg, int) or not 0 <= bg < len(classes)):
-        raise BundleError(f"{where}: segment background_index must be null or a class index, got {bg!r}")
-    try:
-        scale = _number(seg.get("logit_scale", 40.0), "logit_scale")
-        thd = _number(seg.get("prob_threshold", 0.0), "prob_threshold")
-        area = _number(seg.get("area_threshold", 0.0), "area_threshold")
-    except UsageError as e:
-        raise BundleError(f"{where}: {e}") from None
-    settings = {"slide_crop": crop, "slide_stride": stride, "short_side": short, "max_long_side": max_long,
-                "patch_size": patch, "logit_scale": scale, "prob_threshold": thd, "area_threshold": area,
-                "background_index": bg, "query_to_class": list(q2c)}
-    for k, v in overrides.items():
-        if v is not None:
-            settings[k] = _number(v, k)
-    if settings["logit_scale"] <= 0:
-        raise UsageError(f"logit_scale must be positive, got {settings['logit_scale']!r}")
+    bg = seg.number("background_index", None, integer=True, min=0, max=len(classes) - 1)
     # Both thresholds send pixels or classes to the background class, so both need one.
+    settings = {"slide_crop": crop, "slide_stride": stride, "short_side": short, "max_long_side": max_long,
+                "patch_size": patch,
+                "logit_scale": seg.number("logit_scale", 40.0, min=0, exclusive=True,
+                                          override=overrides.get("logit_scale")),
+                "prob_threshold": seg.number("prob_threshold", 0.0, min=0, max=1,
+                                             override=overrides.get("prob_threshold")),
+                "area_threshold": seg.number("area_threshold", 0.0, min=0, max=1,
+                                             override=overrides.get("area_threshold")),
+                "background_index": bg, "query_to_class": list(q2c)}
     for key in ("prob_threshold", "area_threshold"):
-        if not 0.0 <= settings[key] <= 1.0:
-            raise UsageError(f"{key} must be a number between 0 and 1, got {settings[key]!r}")
         if settings[key] > 0 and bg is None:
             raise UsageError(
                 f"{key} {settings[key]} needs a background class, but this bundle has none "
@@ -587,7 +561,7 @@ class SegmentTask(PartTask):
 
     def _setup_pamr(self) -> None:
         """PAMR as the manifest says: none, in numpy (``runtime``) or the exported ``refiner`` graph."""
-        pamr = (self.bundle.manifest.get("segment") or {}).get("pamr") or {}
+        pamr = self.bundle.section("segment").section("pamr")
         self._pamr_steps = int(pamr.get("steps", 0))
         self._pamr_dilations = tuple(int(d) for d in pamr.get("dilations", (8, 16)))
         self._pamr_where = pamr.get("where", "runtime")
