@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from vlexport.errors import UsageError
 
-__all__ = ["Family", "HOOKS", "create_model", "families", "get_family", "list_models", "load_ref"]
+__all__ = ["Family", "HOOKS", "create_model", "families", "families_markdown", "get_family", "list_models", "load_ref"]
 
 #: The hook fields of :class:`Family` (each a ``"module:attr"`` reference).
 HOOKS = ("options", "build_plan", "command", "export", "eager_parts", "create_model")
@@ -141,3 +141,14 @@ def create_model(name: str, preset: str = "tiny", **kwargs: Any) -> Any:
     if preset not in family.presets:
         raise UsageError(f"unknown {family.name} preset {preset!r}; choose one of {', '.join(family.presets)}")
     return family.load("create_model")(preset, **kwargs)
+
+
+def families_markdown() -> str:
+    """The family table of ``docs/families.md``, written from the registry (a test keeps the file current)."""
+    lines = ["# Model families", "",
+             "Generated from `vlexport/registry.py` (see CONTRIBUTING.md); each family is `vlexport NAME --help`.", "",
+             "| family | task | presets | runtime tasks | summary |", "|---|---|---|---|---|"]
+    for f in families():
+        tasks = ", ".join(f"{name}: `{ref.rpartition(':')[2]}`" for name, ref in f.tasks.items())
+        lines.append(f"| `{f.name}` | {f.task} | {', '.join(f'`{p}`' for p in f.presets)} | {tasks} | {f.summary} |")
+    return "\n".join(lines) + "\n"

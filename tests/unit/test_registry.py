@@ -1,5 +1,4 @@
 import dataclasses
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -70,11 +69,8 @@ def test_every_family_has_every_hook(family):
 
 @pytest.mark.parametrize("family", [f.name for f in families()])
 def test_eager_parts_hook_loads(family):
-    """``eager_parts(bundle)`` comes with issue 13's bench change; skipped (loudly) only while it is missing."""
+    """``eager_parts(bundle)`` rebuilds a bundle's parts in PyTorch for ``vlexport bench``."""
     fam = get_family(family)
-    module, _, attr = fam.eager_parts.partition(":")
-    if not hasattr(importlib.import_module(module), attr):
-        pytest.skip(f"{fam.eager_parts} is not defined yet (added by the bench change)")
     assert callable(fam.load("eager_parts"))
 
 
@@ -143,3 +139,12 @@ def test_export_model_is_the_python_call_of_an_export_command(tmp_path):
     report = export_model(get_family("multiscale"), multiscale.Options(preset="tiny", imgsz=64, out=tmp_path / "b"))
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert report.path == tmp_path / "b" and manifest["family"] == "multiscale" and manifest["preset"] == "tiny"
+
+
+def test_docs_family_table_is_generated_from_the_registry():
+    from vlexport.registry import families_markdown
+
+    table = (Path(__file__).resolve().parents[2] / "docs" / "families.md").read_text()
+    assert table == families_markdown(), "docs/families.md is stale: regenerate it (CONTRIBUTING.md)"
+    for f in families():
+        assert f"| `{f.name}` | {f.task} |" in table
