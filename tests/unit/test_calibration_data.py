@@ -14,7 +14,7 @@ from vlexport.data.detection import (
     DetectionDataset,
     image_size,
     load_detection_dataset,
-    parse_simple_yaml,
+    parse_yaml_text as parse_simple_yaml,
     to_coco_gt,
 )
 from vlexport.data.readers import CalibrationSet, calibration_frames

@@ -4,7 +4,7 @@ A :class:`DetectionDataset` holds, per image, the ground-truth boxes in *source 
 and contiguous class indices into ``names``, whatever the on-disk format. Both loaders sort the
 images by path, so the same images loaded from YOLO labels and from a COCO JSON line up.
 
-Numpy and OpenCV only: this module is imported by the evaluator, which runs bundles without torch.
+Numpy, OpenCV, Pillow and PyYAML only: this module is imported by the evaluator, which runs bundles without torch.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,11 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from vlexport.data.readers import IMAGE_EXTENSIONS, list_images
-from vlexport.errors import SourceError, UsageError
+from vlexport.data.readers import list_images
+from vlexport.errors import DependencyError, SourceError, UsageError
+from vlexport.runtime.sources import IMAGE_EXTS
 
 __all__ = [
     "DetectionItem",
@@ -33,6 +34,7 @@ __all__ = [
     "to_coco_gt",
     "category_id",
     "image_size",
+    "parse_yaml_text",
 ]
 
 log = logging.getLogger("vlexport")
@@ -153,183 +155,52 @@ class DetectionDataset:
 
 
 # -- image size without decoding ---------------------------------------------------------------
-def _exif_orientation(app1: bytes) -> int:
-    """The EXIF orientation tag (1 when absent or unreadable) of a JPEG APP1 payload."""
-    if not app1.startswith(b"Exif\x00\x00"):
-        return 1
-    tiff = app1[6:]
-    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return 1
-    end = "<" if tiff[:2] == b"II" else ">"
-    try:
-        (ifd,) = struct.unpack(end + "I", tiff[4:8])
-        (count,) = struct.unpack(end + "H", tiff[ifd:ifd + 2])
-        for i in range(count):
-            off = ifd + 2 + 12 * i
-            tag, _typ, _n = struct.unpack(end + "HHI", tiff[off:off + 8])
-            if tag == 0x0112:
-                return struct.unpack(end + "H", tiff[off + 8:off + 10])[0]
-    except struct.error:
-        return 1
-    return 1
-
-
-def _jpeg_size(f: Any) -> tuple[int, int] | None:
-    orientation = 1
-    f.seek(2)
-    while True:
-        marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        code = marker[1]
-        if code == 0xFF:  # fill byte
-            f.seek(-1, 1)
-            continue
-        if code in (0xD8, 0x01) or 0xD0 <= code <= 0xD7:
-            continue
-        raw = f.read(2)
-        if len(raw) < 2:
-            return None
-        (length,) = struct.unpack(">H", raw)
-        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
-            seg = f.read(5)
-            if len(seg) < 5:
-                return None
-            h, w = struct.unpack(">HH", seg[1:5])
-            # cv2.imread applies the EXIF rotation, so report the size the decoder gives.
-            return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-        if code == 0xE1 and orientation == 1:
-            orientation = _exif_orientation(f.read(length - 2))
-        else:
-            f.seek(length - 2, 1)
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (transpose / 90° turns)
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image as OpenCV decodes it (EXIF rotation applied).
 
-    Reads only the header of PNG and JPEG files; other formats are decoded.
+    Pillow opens images lazily, so only the header (and EXIF) is read; a format Pillow does not
+    know is decoded with OpenCV instead.
     """
     try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
-                w, h = struct.unpack(">II", head[16:24])
-                return int(w), int(h)
-            if head.startswith(b"\xff\xd8"):
-                size = _jpeg_size(f)
-                if size is not None and size[0] > 0 and size[1] > 0:
-                    return size
-    except OSError as e:
-        raise SourceError(f"cannot read image {path}: {e.strerror or e}") from e
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except OSError as e:  # UnidentifiedImageError is an OSError too
+        if not isinstance(e, UnidentifiedImageError):
+            raise SourceError(f"cannot read image {path}: {e.strerror or e}") from e
+    else:
+        if w > 0 and h > 0:
+            # cv2.imread applies the EXIF rotation, as ImageOps.exif_transpose would.
+            return (h, w) if orientation in _ROTATED else (w, h)
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise SourceError(f"cannot read image {path} (missing, unreadable or not an image)")
     return int(img.shape[1]), int(img.shape[0])
 
 
-# -- a tiny YAML reader for data.yaml ---------------------------------------------------------
-def _scalar(text: str) -> Any:
-    t = text.strip()
-    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
-        return t[1:-1]
-    if t in ("", "~", "null"):
-        return None
+# -- data.yaml ----------------------------------------------------------------------------------
+def parse_yaml_text(text: str, where: str | Path = "<yaml>") -> Any:
+    """``yaml.safe_load`` of ``text``; a YAML error becomes a SourceError naming ``where``."""
     try:
-        return int(t)
-    except ValueError:
-        pass
+        import yaml
+    except ImportError as e:  # pragma: no cover - PyYAML comes with the export and eval extras
+        raise DependencyError("reading a data.yaml needs PyYAML: pip install 'vlexport[eval]'") from e
     try:
-        return float(t)
-    except ValueError:
-        return t
-
-
-def _split_flow(inner: str) -> list[str]:
-    items, cur, quote = [], "", ""
-    for ch in inner:
-        if quote:
-            cur += ch
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-            cur += ch
-        elif ch == ",":
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        items.append(cur)
-    return items
-
-
-def _strip_comment(line: str) -> str:
-    quote = ""
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i]
-    return line
-
-
-def parse_simple_yaml(text: str) -> dict[str, Any]:
-    """Parse the YAML subset a YOLO ``data.yaml`` uses: top-level ``key: scalar``, flow lists
-    ``[a, b]`` and one nested level of ``- item`` lists or ``index: name`` mappings."""
-    out: dict[str, Any] = {}
-    key: str | None = None
-    for raw in text.splitlines():
-        line = _strip_comment(raw).rstrip()
-        if not line.strip():
-            continue
-        indented = line[0] in " \t"
-        body = line.strip()
-        if indented and key is not None:
-            if body.startswith("- ") or body == "-":
-                if not isinstance(out[key], list):
-                    out[key] = []
-                out[key].append(_scalar(body[1:]))
-            elif ":" in body:
-                k, v = body.split(":", 1)
-                if not isinstance(out[key], dict):
-                    out[key] = {}
-                out[key][_scalar(k)] = _scalar(v)
-            continue
-        if ":" not in body:
-            raise ValueError(f"cannot parse line {raw!r}")
-        k, v = body.split(":", 1)
-        key = k.strip()
-        v = v.strip()
-        if v.startswith("[") and v.endswith("]"):
-            out[key] = [_scalar(x) for x in _split_flow(v[1:-1])]
-        elif v.startswith("{") and v.endswith("}"):
-            pairs = [p.split(":", 1) for p in _split_flow(v[1:-1])]
-            out[key] = {_scalar(a): _scalar(b) for a, b in pairs}
-        else:
-            out[key] = _scalar(v) if v else None
-    return out
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{where} is not valid YAML: {first}") from e
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SourceError(f"cannot read {path}: {e.strerror or e}") from e
-    try:
-        import yaml  # PyYAML, when installed (ultralytics brings it)
-
-        data = yaml.safe_load(text)
-    except ImportError:
-        try:
-            data = parse_simple_yaml(text)
-        except ValueError as e:
-            raise SourceError(f"{path}: {e}; install PyYAML for full YAML support") from e
-    except Exception as e:  # yaml.YAMLError and friends
-        raise SourceError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    data = parse_yaml_text(text, path)
     if not isinstance(data, dict):
         raise SourceError(f"{path} is not a YOLO dataset file (expected a mapping with 'names' and split keys)")
     return data
@@ -386,7 +257,7 @@ def _yaml_split_images(yaml_path: Path, data: dict[str, Any], split: str) -> lis
                 if line:
                     q = Path(line)
                     images.append(q if q.is_absolute() else (base / q))
-        elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+        elif p.is_file() and p.suffix.lower() in IMAGE_EXTS:
             images.append(p)
         else:
             raise SourceError(f"{yaml_path}: split {split!r} points at {p}, which does not exist")
@@ -466,7 +337,7 @@ def _load_yolo(path: Path, names: Sequence[str] | None, split: str) -> Detection
             if ydata.get("names") is not None:
                 file_names = _names_from_yaml(ydata["names"], yaml_path)
     if not images:
-        raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in the YOLO dataset {path}")
+        raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in the YOLO dataset {path}")
     if names is not None:
         class_names = [str(n) for n in names]
         if file_names is not None and file_names != class_names:

@@ -22,14 +22,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vlexport.data.readers import IMAGE_EXTENSIONS
 from vlexport.errors import SourceError, UsageError
 from vlexport.models.kdeov.dino import DINODistillation
 from vlexport.models.kdeov.model import KDEOVModel, save_kdeov_checkpoint
 from vlexport.models.common.losses import FeatureAlignmentLoss
 from vlexport.runtime.preprocess import letterbox
+from vlexport.runtime.sources import IMAGE_EXTS
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "train_feature_alignment"]
+__all__ = ["ImageFolderDataset", "train_feature_alignment"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(
-        self, folder: str | Path, image_size: int = 640, extensions: Sequence[str] = IMAGE_EXTENSIONS
+        self, folder: str | Path, image_size: int = 640, extensions: Iterable[str] = IMAGE_EXTS
     ) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
