@@ -61,7 +61,7 @@ def _pycocotools() -> tuple[Any, Any]:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError as e:
-        raise DependencyError("detection mAP needs pycocotools: pip install pycocotools") from e
+        raise DependencyError("detection mAP (vlexport validate) needs pycocotools: pip install 'vlexport[eval]'") from e
     return COCO, COCOeval
 
 
