@@ -302,16 +302,10 @@ def _hf_candidates(pcfg: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _cached_weights(pcfg: dict[str, Any]) -> Path | None:
     """The tag's weights file if it is already on disk (Hugging Face cache or open_clip's URL cache)."""
-    from huggingface_hub import try_to_load_from_cache  # local lookup only: never touches the network
-
     for repo_id, filename in _hf_candidates(pcfg):
-        try:
-            found = try_to_load_from_cache(repo_id, filename)
-        except Exception:  # a malformed cache must not stop the export
-            logger.debug("Hugging Face cache lookup failed for %s/%s", repo_id, filename, exc_info=True)
-            continue
-        if isinstance(found, str) and os.path.isfile(found):
-            return Path(found)
+        found = cached_file(repo_id, filename)  # local lookup only: never touches the network
+        if found is not None:
+            return found
     url = pcfg.get("url", "")
     if url:
         # Where open_clip.download_pretrained_from_url stores URL downloads by default.
