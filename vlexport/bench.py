@@ -591,7 +591,8 @@ def _model_config(bundle: Bundle) -> dict[str, Any]:
 
 def _kdeov_modules(bundle: Bundle) -> dict[str, Any]:
     from vlexport.export.kdeov import DetectorGraph
-    from vlexport.models.kdeov.model import KDEOVConfig, build_kdeov
+    from vlexport.models.kdeov.config import KDEOVConfig
+    from vlexport.models.kdeov.model import build_kdeov
 
     config = KDEOVConfig.from_dict(_model_config(bundle))
     model = build_kdeov(config)
@@ -628,7 +629,7 @@ def _yolo_modules(bundle: Bundle) -> dict[str, Any]:
 def _sclip_modules(bundle: Bundle) -> dict[str, Any]:
     import torch
 
-    from vlexport.models.clip.towers import load_clip_model
+    from vlexport.models.clip.weights import load_clip_model
     from vlexport.models.sclip.model import SCLIPConfig, SCLIPSegmenter
 
     data = _model_config(bundle)

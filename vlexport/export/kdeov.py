@@ -19,7 +19,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch, yolo_preprocess
-from vlexport.models.kdeov.model import best_folded_similarity
+from vlexport.models.kdeov.heads import best_folded_similarity
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartIO, TensorSpec
 
@@ -127,7 +127,8 @@ def _check_options(opts: KDEOVExportOptions) -> None:
 
 def resolve_config(opts: KDEOVExportOptions):
     """The model config: preset, then the checkpoint's own config, then explicit options."""
-    from vlexport.models.kdeov.model import KDEOV_PRESETS, load_kdeov_checkpoint
+    from vlexport.models.kdeov.checkpoint import load_kdeov_checkpoint
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
 
     if opts.preset not in KDEOV_PRESETS:
         raise UsageError(f"unknown kdeov preset {opts.preset!r}; choose one of {', '.join(KDEOV_PRESETS)}")
@@ -164,7 +165,7 @@ def build_plan(opts: KDEOVExportOptions) -> ExportPlan:
     notes += [str(w.message) for w in caught if "RANDOM" in str(w.message).upper()]
     trained: dict[str, Any] = {}
     if opts.checkpoint is not None:
-        from vlexport.models.kdeov.model import kdeov_checkpoint_extra
+        from vlexport.models.kdeov.checkpoint import kdeov_checkpoint_extra
         from vlexport.models.kdeov.detection_train import check_text_tower
 
         trained = kdeov_checkpoint_extra(opts.checkpoint)

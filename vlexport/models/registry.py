@@ -69,14 +69,15 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _kdeov_presets() -> list[str]:
-    from vlexport.models.kdeov.model import KDEOV_PRESETS
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
 
     return list(KDEOV_PRESETS)
 
 
 def _build_kdeov(preset: str, **kwargs: Any) -> nn.Module:
     from vlexport.models.clip.towers import FrozenCLIPTextEncoder
-    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
+    from vlexport.models.kdeov.model import build_kdeov
 
     config = KDEOV_PRESETS[preset]
     if "text_encoder" not in kwargs:

@@ -43,7 +43,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlexport.errors import CheckpointError, SourceError, UsageError
-from vlexport.models.kdeov.model import KDEOVModel, folded_similarity, save_kdeov_checkpoint
+from vlexport.models.kdeov.checkpoint import save_kdeov_checkpoint
+from vlexport.models.kdeov.heads import folded_similarity
+from vlexport.models.kdeov.model import KDEOVModel
 from vlexport.runtime.preprocess import letterbox
 
 __all__ = ["DetectionTrainOptions", "DetectionSample", "prepare_samples", "train_kdeov_detection", "train_kdeov_on_dataset",
@@ -607,7 +609,9 @@ def train_kdeov_on_dataset(
     """
     from vlexport.data.detection import load_detection_dataset
     from vlexport.models.clip.towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
-    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov, kdeov_checkpoint_extra
+    from vlexport.models.kdeov.checkpoint import kdeov_checkpoint_extra
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
+    from vlexport.models.kdeov.model import build_kdeov
     from vlexport.models.clip.text import TextEmbeddingCache, build_text_embeddings, resolve_templates
 
     dataset = load_detection_dataset(data, split=split)

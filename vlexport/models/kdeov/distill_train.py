@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from vlexport.errors import SourceError, UsageError
 from vlexport.models.kdeov.dino import DINODistillation
-from vlexport.models.kdeov.model import KDEOVModel, save_kdeov_checkpoint
+from vlexport.models.kdeov.checkpoint import save_kdeov_checkpoint
+from vlexport.models.kdeov.model import KDEOVModel
 from vlexport.models.common.losses import FeatureAlignmentLoss
 from vlexport.runtime.preprocess import letterbox
 from vlexport.runtime.sources import IMAGE_EXTS
@@ -252,7 +253,8 @@ def train_kdeov_on_folder(
     import dataclasses
 
     from vlexport.models.clip.towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
-    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
+    from vlexport.models.kdeov.model import build_kdeov
 
     if dino_weight < 0:
         raise UsageError(f"dino_weight must be >= 0, got {dino_weight}")

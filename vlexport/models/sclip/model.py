@@ -31,13 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlexport.errors import UsageError
-from vlexport.models.clip.towers import (
-    TINY,
-    FrozenCLIPTextEncoder,
-    LoadedCLIP,
-    _export_safe_attention,
-    load_clip_model,
-)
+from vlexport.models.clip.tiny import TINY
+from vlexport.models.clip.towers import FrozenCLIPTextEncoder, _export_safe_attention
+from vlexport.models.clip.weights import LoadedCLIP, load_clip_model
 from vlexport.models.sclip.pamr import PAMR
 from vlexport.models.clip.text import (
     IMAGENET_TEMPLATES,
@@ -88,7 +84,7 @@ class SCLIPConfig:
         image_size / patch_size: the ViT's native input size and patch size (informational;
             the positional table is read from the model).
         clip_activation: the towers' MLP activation: ``"auto"`` (from the weights' provenance, see
-            :func:`~vlexport.models.clip.towers.resolve_activation`), ``"quickgelu"`` or ``"gelu"``.
+            :func:`~vlexport.models.clip.activation.resolve_activation`), ``"quickgelu"`` or ``"gelu"``.
         logit_scale: SCLIP's constant temperature (not CLIP's learnt one).
         slide_crop / slide_stride: sliding-window size and stride; ``slide_crop=0`` runs the whole image.
         pamr_steps / pamr_dilations: PAMR iterations (0: off, SCLIP's released configs) and dilations.
