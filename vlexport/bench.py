@@ -630,7 +630,8 @@ def _sclip_modules(bundle: Bundle) -> dict[str, Any]:
     import torch
 
     from vlexport.models.clip.weights import load_clip_model
-    from vlexport.models.sclip.model import SCLIPConfig, SCLIPSegmenter
+    from vlexport.models.sclip.config import SCLIPConfig
+    from vlexport.models.sclip.model import SCLIPSegmenter
 
     data = _model_config(bundle)
     legacy = data.pop("quick_gelu", None)  # bundles from before the loader decided the activation

@@ -280,7 +280,7 @@ def sclip_cmd(**kw) -> None:
     """
     _require_export_extra()
     from vlexport.export.sclip import SCLIPExportOptions, export_sclip
-    from vlexport.models.sclip.model import classes_from_option
+    from vlexport.models.sclip.vocabulary import classes_from_option
     from vlexport.models.clip.text import parse_vocabulary
 
     kw["parity_source"] = kw.pop("val")

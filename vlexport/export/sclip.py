@@ -55,7 +55,8 @@ class SCLIPExportOptions:
 
 
 def _segmenter(opts: SCLIPExportOptions):
-    from vlexport.models.sclip.model import SCLIP_PRESETS, SCLIPSegmenter
+    from vlexport.models.sclip.config import SCLIP_PRESETS
+    from vlexport.models.sclip.model import SCLIPSegmenter
     from vlexport.models.clip.text import TextEmbeddingCache, resolve_templates
 
     if opts.preset not in SCLIP_PRESETS:
@@ -86,7 +87,7 @@ def _segmenter(opts: SCLIPExportOptions):
 def build_plan(opts: SCLIPExportOptions) -> ExportPlan:
     """Build the segmenter and describe the `segmenter` part and the runtime's settings."""
     from vlexport.data.readers import parity_frames, synthetic_images
-    from vlexport.models.sclip.model import window_grid
+    from vlexport.models.sclip.windows import window_grid
 
     seg, templates_id, n_templates = _segmenter(opts)
     cfg = seg.config
