@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from vlexport.data.detection import YAML_SUFFIXES, _read_yaml
+from vlexport.data.yolo_files import YAML_SUFFIXES, _read_yaml
 from vlexport.errors import SourceError, UsageError
 from vlexport.runtime.sources import IMAGE_EXTS
 
