@@ -72,3 +72,13 @@ def test_data_yaml_names_forms_and_yaml_errors(tmp_path):
     yaml_path.write_text("train: images/train\nnames: [cat, dog\n")
     with pytest.raises(SourceError, match=r"data\.yaml is not valid YAML"):
         load_detection_dataset(yaml_path)
+
+
+def test_image_size_bypasses_ultralytics_image_open_patch(tmp_path, capsys):
+    # Ultralytics wraps PIL.Image.open: on an unidentified file it tries to install pi-heif.
+    pytest.importorskip("ultralytics.utils.patches")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(SourceError, match="broken.jpg"):
+        image_size(bad)
+    assert "pi-heif" not in capsys.readouterr().out

@@ -20,7 +20,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import JpegImagePlugin, PngImagePlugin
 
 from vlexport.data.yolo_files import (
     _IMG_DIR,
@@ -166,25 +166,38 @@ class DetectionDataset:
 
 # -- image size without decoding ---------------------------------------------------------------
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (transpose / 90° turns)
+# Pillow's own JPEG and PNG readers, which parse the header lazily (no pixel decoding). They are
+# used directly rather than through Image.open: Ultralytics replaces Image.open with a wrapper
+# that, on a file Pillow cannot identify, tries to pip-install a HEIF plugin.
+_HEADER_READERS = (
+    (b"\xff\xd8", JpegImagePlugin.JpegImageFile, True),  # JPEG: cv2.imread applies its EXIF rotation
+    (b"\x89PNG\r\n\x1a\n", PngImagePlugin.PngImageFile, False),
+)
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image as OpenCV decodes it (EXIF rotation applied).
 
-    Pillow opens images lazily, so only the header (and EXIF) is read; a format Pillow does not
-    know is decoded with OpenCV instead.
+    Reads only the header of PNG and JPEG files (with Pillow); other formats are decoded.
     """
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except OSError as e:  # UnidentifiedImageError is an OSError too
-        if not isinstance(e, UnidentifiedImageError):
-            raise SourceError(f"cannot read image {path}: {e.strerror or e}") from e
-    else:
-        if w > 0 and h > 0:
-            # cv2.imread applies the EXIF rotation, as ImageOps.exif_transpose would.
-            return (h, w) if orientation in _ROTATED else (w, h)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            for magic, reader, rotates in _HEADER_READERS:
+                if not head.startswith(magic):
+                    continue
+                f.seek(0)
+                try:
+                    with reader(f) as im:
+                        w, h = im.size
+                        orientation = im.getexif().get(0x0112, 1) if rotates else 1
+                except (SyntaxError, ValueError, OSError, EOFError):  # a damaged header: let OpenCV judge it
+                    break
+                if w > 0 and h > 0:
+                    return (h, w) if orientation in _ROTATED else (w, h)
+                break
+    except OSError as e:
+        raise SourceError(f"cannot read image {path}: {e.strerror or e}") from e
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise SourceError(f"cannot read image {path} (missing, unreadable or not an image)")
