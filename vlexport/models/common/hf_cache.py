@@ -63,6 +63,11 @@ def find_cached_files(
     ("pytorch_model.bin",)]``), snapshots in :func:`cached_snapshots` order. None when no
     snapshot has them.
     """
+    # The usual case, the main ref holding the files, needs no scan of the whole cache.
+    for names in alternatives:
+        found = [cached_file(repo_id, n, cache_dir) for n in names]
+        if names and all(f is not None for f in found) and len({f.parent for f in found}) == 1:
+            return found[0].parent, tuple(found)
     for snap in cached_snapshots(repo_id, cache_dir):
         for names in alternatives:
             files = tuple(snap / n for n in names)
