@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlexport.models.kdeov.model import best_folded_similarity, folded_similarity, soft_normalize
+from vlexport.models.kdeov.heads import best_folded_similarity, folded_similarity, soft_normalize
 
 CASES = [(64, 512, 32, 0.0, 0.0), (16, 64, 8, 3.0, 0.0), (8, 32, 1, -2.0, 0.0), (16, 64, 8, 1.0, 37.0)]
 

@@ -20,7 +20,8 @@ from vlexport.export.multiscale import (
     multiscale_preprocess,
 )
 from vlexport.export.bundle_export import PrecisionOptions
-from vlexport.models.multiscale.model import binary_segmentation_loss, build_multiscale
+from vlexport.models.multiscale.loss import binary_segmentation_loss
+from vlexport.models.multiscale.model import build_multiscale
 from vlexport.runtime import load
 from vlexport.runtime.preprocess import Preprocessor, letterbox_params
 

@@ -44,7 +44,8 @@ def _invoke(*args: str):
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     """``single`` and ``three`` (--vocab-mode input --with-text-encoder), ``baked`` (NEW baked in), one student."""
-    from vlexport.models.kdeov.model import build_kdeov, save_kdeov_checkpoint
+    from vlexport.models.kdeov.checkpoint import save_kdeov_checkpoint
+    from vlexport.models.kdeov.model import build_kdeov
 
     root = tmp_path_factory.mktemp("setvocab")
     torch.manual_seed(0)

@@ -10,13 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from vlexport.data.detection import (
-    DetectionDataset,
-    image_size,
-    load_detection_dataset,
-    parse_simple_yaml,
-    to_coco_gt,
-)
+from vlexport.data.detection import DetectionDataset, image_size, load_detection_dataset, to_coco_gt
+from vlexport.data.yolo_files import parse_yaml_text as parse_simple_yaml
 from vlexport.data.readers import CalibrationSet, calibration_frames
 from vlexport.errors import SourceError, UsageError
 

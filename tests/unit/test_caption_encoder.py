@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from vlexport.errors import UsageError  # noqa: E402
 from vlexport.models.captioner.encoder import MultiScaleCLIPEncoder, tap_indices  # noqa: E402
-from vlexport.models.clip.towers import load_clip_model  # noqa: E402
+from vlexport.models.clip.weights import load_clip_model  # noqa: E402
 
 
 def _tiny(**kwargs) -> MultiScaleCLIPEncoder:

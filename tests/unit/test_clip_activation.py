@@ -15,13 +15,10 @@ import pytest
 import torch
 
 from vlexport.errors import UsageError
-from vlexport.models.clip import towers as clip_towers
-from vlexport.models.clip.towers import (
-    FrozenCLIPImageEncoder,
-    FrozenCLIPTextEncoder,
-    load_clip_model,
-    resolve_activation,
-)
+from vlexport.models.clip import weights as clip_towers
+from vlexport.models.clip.activation import resolve_activation
+from vlexport.models.clip.towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
+from vlexport.models.clip.weights import load_clip_model
 from vlexport.models.clip.text import TextEmbeddingCache, build_text_embeddings
 
 CLASSES = ["person", "red car", "dog"]

@@ -16,11 +16,11 @@ from vlexport.errors import CheckpointError, UsageError
 from vlexport.models.detr.model import (
     DETRConfig,
     FrozenBatchNorm2d,
-    MultiheadAttention,
     PositionEmbeddingSine,
     build_detr,
     detr_postprocess,
 )
+from vlexport.models.detr.transformer import MultiheadAttention
 from vlexport.models.detr.checkpoint import (
     detr_config_from_state_dict,
     detr_state_dict_summary,

@@ -12,18 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.kdeov.model import (
-    CHECKPOINT_FORMAT,
-    KDEOV_PRESETS,
-    CrossModalFusionModule,
-    KDEOVConfig,
-    KDEOVModel,
-    ProjectionNetwork,
-    SpatialProjection,
-    build_kdeov,
-    load_kdeov_checkpoint,
-    save_kdeov_checkpoint,
-)
+from vlexport.models.kdeov.checkpoint import CHECKPOINT_FORMAT, load_kdeov_checkpoint, save_kdeov_checkpoint
+from vlexport.models.kdeov.config import KDEOV_PRESETS, KDEOVConfig
+from vlexport.models.kdeov.heads import CrossModalFusionModule, ProjectionNetwork, SpatialProjection
+from vlexport.models.kdeov.model import KDEOVModel, build_kdeov
 from vlexport.models.common.losses import (
     CrossModalAlignmentLoss,
     DistillationLoss,

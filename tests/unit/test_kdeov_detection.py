@@ -46,7 +46,7 @@ def person_student(tmp_path_factory, assets, person_split) -> tuple[Path, list[d
                "--classes", "person", "--templates", "single", "--imgsz", IMGSZ, "--steps", 60, "--batch-size", 8,
                "--checkpoint-every", 30, "--out", out)
     assert r.exit_code == 0, r.output
-    from vlexport.models.kdeov.model import kdeov_checkpoint_extra
+    from vlexport.models.kdeov.checkpoint import kdeov_checkpoint_extra
 
     return out, kdeov_checkpoint_extra(out)
 
@@ -67,7 +67,7 @@ def test_resume_continues_the_step_count(person_student, person_split, tmp_path)
     copy.write_bytes(path.read_bytes())
     r = invoke("train-kdeov", "--data", person_split, "--resume", copy, "--steps", 70, "--batch-size", 8, "--out", copy)
     assert r.exit_code == 0, r.output
-    from vlexport.models.kdeov.model import kdeov_checkpoint_extra
+    from vlexport.models.kdeov.checkpoint import kdeov_checkpoint_extra
 
     assert kdeov_checkpoint_extra(copy)["train"]["step"] == 70
     r = invoke("train-kdeov", "--data", person_split, "--resume", copy, "--steps", 50, "--out", copy)
@@ -165,7 +165,7 @@ def test_exporting_with_another_text_tower_is_refused(person_student, tmp_path):
 
 def test_old_checkpoint_format_is_a_clear_error(tmp_path):
     from vlexport.errors import CheckpointError
-    from vlexport.models.kdeov.model import load_kdeov_checkpoint
+    from vlexport.models.kdeov.checkpoint import load_kdeov_checkpoint
 
     old = tmp_path / "old.pt"
     torch.save({"format": "vlexport.kdeov/1", "config": {}, "state_dict": {}}, old)

@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlexport.evaluation.segmentation import (
+from vlexport.data.segmentation import (
     VOC_CLASSES,
-    ConfusionMatrix,
     SegmentationDataset,
-    evaluate_segmenter,
     load_segmentation_dataset,
     read_mask,
     voc_palette,
 )
+from vlexport.evaluation.segmentation import ConfusionMatrix, evaluate_segmenter
 from vlexport.errors import SourceError, UsageError
 from vlexport.runtime.segmentation import Segmentation
 

@@ -13,14 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from vlexport.errors import CheckpointError, UsageError
+from vlexport.models.multiscale.loss import ScaleAwareLoss, binary_segmentation_loss
 from vlexport.models.multiscale.model import (
     MULTISCALE_PRESETS,
     AttentionScaleIntegration,
     HierarchicalScaleIntegration,
     MultiScaleInputProcessor,
-    ScaleAwareLoss,
     SpatialAttention,
-    binary_segmentation_loss,
     build_multiscale,
     scaled_size,
 )

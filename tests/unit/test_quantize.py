@@ -10,16 +10,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from vlexport.calibration.activations import activation_ranges, record_activations
 from vlexport.calibration.quantize import (
     CALIB_METHODS,
     ArrayCalibrationReader,
-    activation_ranges,
     exclusion_candidates,
     list_quantizable_nodes,
     node_order,
     quantize_int8,
     quantized_node_names,
-    record_activations,
 )
 from vlexport.errors import SourceError, UsageError
 

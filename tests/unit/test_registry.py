@@ -92,9 +92,9 @@ def test_options_fields_are_the_command_parameters_with_their_defaults(family):
 def test_presets_match_the_models():
     from vlexport.models.captioner.model import CAPTIONER_PRESETS
     from vlexport.models.detr.model import DETR_PRESETS
-    from vlexport.models.kdeov.model import KDEOV_PRESETS
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
     from vlexport.models.multiscale.model import MULTISCALE_PRESETS
-    from vlexport.models.sclip.model import SCLIP_PRESETS
+    from vlexport.models.sclip.config import SCLIP_PRESETS
 
     for name, presets in (("kdeov", KDEOV_PRESETS), ("captioner", CAPTIONER_PRESETS), ("detr", DETR_PRESETS),
                           ("multiscale", MULTISCALE_PRESETS), ("sclip", SCLIP_PRESETS)):

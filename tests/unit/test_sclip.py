@@ -15,13 +15,9 @@ from torch import nn  # noqa: E402
 
 from vlexport.errors import UsageError  # noqa: E402
 from vlexport.models.sclip.pamr import PAMR  # noqa: E402
-from vlexport.models.sclip.model import (  # noqa: E402
-    SCLIPSegmenter,
-    csa_attention,
-    resize_short_side,
-    split_synonyms,
-    window_grid,
-)
+from vlexport.models.sclip.model import SCLIPSegmenter, csa_attention  # noqa: E402
+from vlexport.models.sclip.vocabulary import split_synonyms  # noqa: E402
+from vlexport.models.sclip.windows import resize_short_side, window_grid  # noqa: E402
 
 SINGLE = ("a photo of a {}.",)
 
@@ -243,7 +239,7 @@ def test_probabilities_area_threshold_and_segment(seg):
 
 
 def test_classes_option_synonyms():
-    from vlexport.models.sclip.model import classes_from_option
+    from vlexport.models.sclip.vocabulary import classes_from_option
 
     assert classes_from_option("background|sky| wall ,cat,dog") == ["background, sky, wall", "cat", "dog"]
     assert classes_from_option("a,b,c") == ["a", "b", "c"]

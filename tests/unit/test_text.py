@@ -13,14 +13,9 @@ import pytest
 import torch
 
 from vlexport.errors import CheckpointError, UsageError, WeightsUnavailableError
-from vlexport.models.clip import towers as clip_towers
-from vlexport.models.clip.towers import (
-    FrozenCLIPImageEncoder,
-    FrozenCLIPTextEncoder,
-    RandomWeightsWarning,
-    clear_clip_cache,
-    load_clip_model,
-)
+from vlexport.models.clip import weights as clip_towers
+from vlexport.models.clip.towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
+from vlexport.models.clip.weights import RandomWeightsWarning, clear_clip_cache, load_clip_model
 from vlexport.models.clip.text import (
     COCO80_CLASSES,
     IMAGENET_TEMPLATES,

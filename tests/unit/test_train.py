@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlexport.errors import SourceError, UsageError
-from vlexport.models.kdeov.model import build_kdeov, load_kdeov_checkpoint
+from vlexport.models.kdeov.checkpoint import load_kdeov_checkpoint
+from vlexport.models.kdeov.model import build_kdeov
 from vlexport.models.kdeov.distill_train import ImageFolderDataset, train_feature_alignment
 
 ASSETS = Path(os.environ.get("VLEXPORT_ASSETS", "/work/shared/assets"))

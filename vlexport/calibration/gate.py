@@ -60,7 +60,8 @@ def _cosine_error(a: np.ndarray, b: np.ndarray) -> float:
 def sensitivity_order(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]],
                       op_types: list[str] | None = None) -> list[str]:
     """Quantised node names, most sensitive first (ties: nodes nearer the outputs first)."""
-    from vlexport.calibration.quantize import list_quantizable_nodes, record_activations
+    from vlexport.calibration.activations import record_activations
+    from vlexport.calibration.quantize import list_quantizable_nodes
 
     model = onnx.load(str(fp32_path), load_external_data=False)
     nodes = [n for n, _ in (list_quantizable_nodes(fp32_path, op_types) if op_types else list_quantizable_nodes(fp32_path))]

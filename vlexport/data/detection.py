@@ -4,7 +4,8 @@ A :class:`DetectionDataset` holds, per image, the ground-truth boxes in *source 
 and contiguous class indices into ``names``, whatever the on-disk format. Both loaders sort the
 images by path, so the same images loaded from YOLO labels and from a COCO JSON line up.
 
-Numpy and OpenCV only: this module is imported by the evaluator, which runs bundles without torch.
+Reading the YOLO files (data.yaml, labels) is in :mod:`vlexport.data.yolo_files`. Numpy, OpenCV,
+Pillow and PyYAML only: this module is imported by the evaluator, which runs bundles without torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +20,22 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import JpegImagePlugin, PngImagePlugin
 
-from vlexport.data.readers import IMAGE_EXTENSIONS, list_images
+from vlexport.data.yolo_files import (
+    _IMG_DIR,
+    _LABEL_DIR,
+    YAML_SUFFIXES,
+    _find_yaml,
+    _names_from_yaml,
+    _parse_label_file,
+    _read_yaml,
+    _yaml_split_images,
+    _yolo_folder_images,
+    label_path,
+)
 from vlexport.errors import SourceError, UsageError
+from vlexport.runtime.sources import IMAGE_EXTS
 
 __all__ = [
     "DetectionItem",
@@ -38,7 +51,6 @@ __all__ = [
 log = logging.getLogger("vlexport")
 
 DATASET_KINDS = ("yolo", "coco")
-YAML_SUFFIXES = (".yaml", ".yml")
 
 
 def category_id(class_index: int) -> int:
@@ -153,72 +165,37 @@ class DetectionDataset:
 
 
 # -- image size without decoding ---------------------------------------------------------------
-def _exif_orientation(app1: bytes) -> int:
-    """The EXIF orientation tag (1 when absent or unreadable) of a JPEG APP1 payload."""
-    if not app1.startswith(b"Exif\x00\x00"):
-        return 1
-    tiff = app1[6:]
-    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return 1
-    end = "<" if tiff[:2] == b"II" else ">"
-    try:
-        (ifd,) = struct.unpack(end + "I", tiff[4:8])
-        (count,) = struct.unpack(end + "H", tiff[ifd:ifd + 2])
-        for i in range(count):
-            off = ifd + 2 + 12 * i
-            tag, _typ, _n = struct.unpack(end + "HHI", tiff[off:off + 8])
-            if tag == 0x0112:
-                return struct.unpack(end + "H", tiff[off + 8:off + 10])[0]
-    except struct.error:
-        return 1
-    return 1
-
-
-def _jpeg_size(f: Any) -> tuple[int, int] | None:
-    orientation = 1
-    f.seek(2)
-    while True:
-        marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        code = marker[1]
-        if code == 0xFF:  # fill byte
-            f.seek(-1, 1)
-            continue
-        if code in (0xD8, 0x01) or 0xD0 <= code <= 0xD7:
-            continue
-        raw = f.read(2)
-        if len(raw) < 2:
-            return None
-        (length,) = struct.unpack(">H", raw)
-        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
-            seg = f.read(5)
-            if len(seg) < 5:
-                return None
-            h, w = struct.unpack(">HH", seg[1:5])
-            # cv2.imread applies the EXIF rotation, so report the size the decoder gives.
-            return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-        if code == 0xE1 and orientation == 1:
-            orientation = _exif_orientation(f.read(length - 2))
-        else:
-            f.seek(length - 2, 1)
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (transpose / 90° turns)
+# Pillow's own JPEG and PNG readers, which parse the header lazily (no pixel decoding). They are
+# used directly rather than through Image.open: Ultralytics replaces Image.open with a wrapper
+# that, on a file Pillow cannot identify, tries to pip-install a HEIF plugin.
+_HEADER_READERS = (
+    (b"\xff\xd8", JpegImagePlugin.JpegImageFile, True),  # JPEG: cv2.imread applies its EXIF rotation
+    (b"\x89PNG\r\n\x1a\n", PngImagePlugin.PngImageFile, False),
+)
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image as OpenCV decodes it (EXIF rotation applied).
 
-    Reads only the header of PNG and JPEG files; other formats are decoded.
+    Reads only the header of PNG and JPEG files (with Pillow); other formats are decoded.
     """
     try:
         with open(path, "rb") as f:
-            head = f.read(24)
-            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
-                w, h = struct.unpack(">II", head[16:24])
-                return int(w), int(h)
-            if head.startswith(b"\xff\xd8"):
-                size = _jpeg_size(f)
-                if size is not None and size[0] > 0 and size[1] > 0:
-                    return size
+            head = f.read(8)
+            for magic, reader, rotates in _HEADER_READERS:
+                if not head.startswith(magic):
+                    continue
+                f.seek(0)
+                try:
+                    with reader(f) as im:
+                        w, h = im.size
+                        orientation = im.getexif().get(0x0112, 1) if rotates else 1
+                except (SyntaxError, ValueError, OSError, EOFError):  # a damaged header: let OpenCV judge it
+                    break
+                if w > 0 and h > 0:
+                    return (h, w) if orientation in _ROTATED else (w, h)
+                break
     except OSError as e:
         raise SourceError(f"cannot read image {path}: {e.strerror or e}") from e
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -227,227 +204,7 @@ def image_size(path: Path) -> tuple[int, int]:
     return int(img.shape[1]), int(img.shape[0])
 
 
-# -- a tiny YAML reader for data.yaml ---------------------------------------------------------
-def _scalar(text: str) -> Any:
-    t = text.strip()
-    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
-        return t[1:-1]
-    if t in ("", "~", "null"):
-        return None
-    try:
-        return int(t)
-    except ValueError:
-        pass
-    try:
-        return float(t)
-    except ValueError:
-        return t
-
-
-def _split_flow(inner: str) -> list[str]:
-    items, cur, quote = [], "", ""
-    for ch in inner:
-        if quote:
-            cur += ch
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-            cur += ch
-        elif ch == ",":
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        items.append(cur)
-    return items
-
-
-def _strip_comment(line: str) -> str:
-    quote = ""
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i]
-    return line
-
-
-def parse_simple_yaml(text: str) -> dict[str, Any]:
-    """Parse the YAML subset a YOLO ``data.yaml`` uses: top-level ``key: scalar``, flow lists
-    ``[a, b]`` and one nested level of ``- item`` lists or ``index: name`` mappings."""
-    out: dict[str, Any] = {}
-    key: str | None = None
-    for raw in text.splitlines():
-        line = _strip_comment(raw).rstrip()
-        if not line.strip():
-            continue
-        indented = line[0] in " \t"
-        body = line.strip()
-        if indented and key is not None:
-            if body.startswith("- ") or body == "-":
-                if not isinstance(out[key], list):
-                    out[key] = []
-                out[key].append(_scalar(body[1:]))
-            elif ":" in body:
-                k, v = body.split(":", 1)
-                if not isinstance(out[key], dict):
-                    out[key] = {}
-                out[key][_scalar(k)] = _scalar(v)
-            continue
-        if ":" not in body:
-            raise ValueError(f"cannot parse line {raw!r}")
-        k, v = body.split(":", 1)
-        key = k.strip()
-        v = v.strip()
-        if v.startswith("[") and v.endswith("]"):
-            out[key] = [_scalar(x) for x in _split_flow(v[1:-1])]
-        elif v.startswith("{") and v.endswith("}"):
-            pairs = [p.split(":", 1) for p in _split_flow(v[1:-1])]
-            out[key] = {_scalar(a): _scalar(b) for a, b in pairs}
-        else:
-            out[key] = _scalar(v) if v else None
-    return out
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SourceError(f"cannot read {path}: {e.strerror or e}") from e
-    try:
-        import yaml  # PyYAML, when installed (ultralytics brings it)
-
-        data = yaml.safe_load(text)
-    except ImportError:
-        try:
-            data = parse_simple_yaml(text)
-        except ValueError as e:
-            raise SourceError(f"{path}: {e}; install PyYAML for full YAML support") from e
-    except Exception as e:  # yaml.YAMLError and friends
-        raise SourceError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise SourceError(f"{path} is not a YOLO dataset file (expected a mapping with 'names' and split keys)")
-    return data
-
-
-def _names_from_yaml(value: Any, where: Path) -> list[str]:
-    if isinstance(value, dict):
-        try:
-            keys = sorted(int(k) for k in value)
-        except (TypeError, ValueError):
-            raise SourceError(f"{where}: 'names' keys must be class indices 0..N-1") from None
-        if keys != list(range(len(keys))):
-            raise SourceError(f"{where}: 'names' must number the classes 0..{len(keys) - 1} without gaps")
-        lookup = {int(k): v for k, v in value.items()}
-        return [str(lookup[i]) for i in keys]
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    raise SourceError(f"{where}: 'names' must be a list or an index: name mapping, got {type(value).__name__}")
-
-
 # -- YOLO ---------------------------------------------------------------------------------------
-_IMG_DIR = "/images/"
-_LABEL_DIR = "/labels/"
-
-
-def label_path(image: Path) -> Path:
-    """The YOLO label file of ``image``: the last ``/images/`` becomes ``/labels/``, suffix ``.txt``."""
-    s = image.as_posix()
-    if _IMG_DIR in s:
-        head, tail = s.rsplit(_IMG_DIR, 1)
-        s = head + _LABEL_DIR + tail
-    return Path(s).with_suffix(".txt")
-
-
-def _yaml_split_images(yaml_path: Path, data: dict[str, Any], split: str) -> list[Path]:
-    base = yaml_path.parent
-    if data.get("path"):
-        p = Path(str(data["path"]))
-        base = p if p.is_absolute() else (yaml_path.parent / p)
-    if split not in data or not data[split]:
-        present = [k for k in ("train", "val", "test") if data.get(k)]
-        raise UsageError(f"{yaml_path} has no {split!r} split; it has {present}")
-    entries = data[split] if isinstance(data[split], list) else [data[split]]
-    images: list[Path] = []
-    for entry in entries:
-        p = Path(str(entry))
-        p = p if p.is_absolute() else base / p
-        if p.is_dir():
-            images += list_images(p)
-        elif p.is_file() and p.suffix.lower() == ".txt":
-            # An image list, one path a line, relative to the dataset root (Ultralytics' convention).
-            for line in p.read_text(encoding="utf-8").splitlines():
-                line = line.strip()
-                if line:
-                    q = Path(line)
-                    images.append(q if q.is_absolute() else (base / q))
-        elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-            images.append(p)
-        else:
-            raise SourceError(f"{yaml_path}: split {split!r} points at {p}, which does not exist")
-    return sorted(set(images))
-
-
-def _yolo_folder_images(folder: Path) -> list[Path]:
-    if (folder / "images").is_dir():
-        return list_images(folder / "images")
-    return list_images(folder)
-
-
-def _find_yaml(folder: Path) -> Path | None:
-    dirs = [folder, folder.parent]
-    s = folder.resolve().as_posix() + "/"
-    if _IMG_DIR in s:  # .../root/images/train → look in root too
-        dirs.append(Path(s.rsplit(_IMG_DIR, 1)[0]))
-    for d in dirs:
-        for name in ("data.yaml", "data.yml", "dataset.yaml"):
-            if (d / name).is_file():
-                return d / name
-    return None
-
-
-def _parse_label_file(path: Path, width: int, height: int, num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
-    boxes, classes = [], []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(f"cannot read label file {path}: {e}") from e
-    for n, line in enumerate(text.splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        where = f"{path}:{n}"
-        # 5 values: class cx cy w h; an odd count >= 7: class and a polygon (YOLO segment labels).
-        if len(parts) != 5 and (len(parts) < 7 or len(parts) % 2 == 0):
-            raise SourceError(f"{where}: expected 'class cx cy w h' (or 'class x1 y1 x2 y2 ...'), got {line.strip()!r}")
-        try:
-            cls_f = float(parts[0])
-            vals = np.array([float(v) for v in parts[1:]], dtype=np.float64)
-        except ValueError:
-            raise SourceError(f"{where}: non-numeric value in {line.strip()!r}") from None
-        if not cls_f.is_integer() or cls_f < 0:
-            raise SourceError(f"{where}: class {parts[0]!r} is not a non-negative integer")
-        cls = int(cls_f)
-        if num_classes is not None and cls >= num_classes:
-            raise SourceError(f"{where}: class {cls} is out of range for {num_classes} class names")
-        if not np.isfinite(vals).all() or (vals < 0).any() or (vals > 1).any():
-            raise SourceError(f"{where}: coordinates must be normalised to [0, 1], got {line.strip()!r}")
-        if len(parts) == 5:
-            cx, cy, w, h = vals
-            x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
-        else:
-            xs, ys = vals[0::2], vals[1::2]
-            x1, y1, x2, y2 = xs.min(), ys.min(), xs.max(), ys.max()
-        boxes.append((x1 * width, y1 * height, x2 * width, y2 * height))
-        classes.append(cls)
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(classes, dtype=np.int64)
-
-
 def _load_yolo(path: Path, names: Sequence[str] | None, split: str) -> DetectionDataset:
     yaml_path: Path | None = None
     if path.is_file():
@@ -466,7 +223,7 @@ def _load_yolo(path: Path, names: Sequence[str] | None, split: str) -> Detection
             if ydata.get("names") is not None:
                 file_names = _names_from_yaml(ydata["names"], yaml_path)
     if not images:
-        raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in the YOLO dataset {path}")
+        raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in the YOLO dataset {path}")
     if names is not None:
         class_names = [str(n) for n in names]
         if file_names is not None and file_names != class_names:

@@ -19,16 +19,16 @@ import cv2
 import numpy as np
 
 from vlexport.errors import SourceError, UsageError
+from vlexport.runtime.sources import IMAGE_EXTS
 
 log = logging.getLogger("vlexport")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively, YOLO/COCO dataset layouts included), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -203,10 +203,10 @@ def calibration_frames(
     if src.is_dir():
         paths = list_images(src)
         if not paths:
-            raise SourceError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {src}; {_hint()}")
+            raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {src}; {_hint()}")
         return _image_set(paths, int(count), seed, excluded, "images", src, purpose)
     suffix = src.suffix.lower()
-    if suffix in IMAGE_EXTENSIONS:
+    if suffix in IMAGE_EXTS:
         return _image_set([src], int(count), seed, excluded, "image", src, purpose)
     if suffix in VIDEO_EXTENSIONS:
         return _video_set(src, int(count), seed, purpose)

@@ -61,7 +61,7 @@ def _pycocotools() -> tuple[Any, Any]:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError as e:
-        raise DependencyError("detection mAP needs pycocotools: pip install pycocotools") from e
+        raise DependencyError("detection mAP (vlexport validate) needs pycocotools: pip install 'vlexport[eval]'") from e
     return COCO, COCOeval
 
 
@@ -186,6 +186,7 @@ def evaluate_detector(
     Set the task's ``score_threshold`` low (e.g. 0.001) for a COCO-comparable mAP: detections it
     drops can never count.
     """
+    _pycocotools()  # a missing pycocotools fails now, not after running the detector on every image
     t0 = time.perf_counter()
     dataset, classes = evaluation_inputs(task, dataset, max_images, "detector", "detections")
     mapping = class_mapping(classes, dataset.names)

@@ -28,7 +28,8 @@ def validate_bundle(bundle_path: str | os.PathLike, data: str, *, precisions: li
         part, load_data, evaluate, options = "detector", load_detection_dataset, evaluate_detector, \
             {"score_threshold": 0.001, "max_detections": 300}
     elif bundle.task == "segment":
-        from vlexport.evaluation.segmentation import evaluate_segmenter, load_segmentation_dataset
+        from vlexport.data.segmentation import load_segmentation_dataset
+        from vlexport.evaluation.segmentation import evaluate_segmenter
 
         part, load_data, evaluate, options = "segmenter", load_segmentation_dataset, evaluate_segmenter, {}
     else:

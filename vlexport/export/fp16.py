@@ -31,7 +31,7 @@ FP16_SAFE_MAX = 16384.0
 
 def overflowing_nodes(fp32_path, feeds: list[dict]) -> list[str]:
     """Nodes whose output magnitude, measured on ``feeds`` through the FP32 graph, is unsafe in FP16."""
-    from vlexport.calibration.quantize import activation_ranges
+    from vlexport.calibration.activations import activation_ranges
 
     ranges = activation_ranges(fp32_path, feeds)
     model = onnx.load(str(fp32_path), load_external_data=False)
@@ -190,7 +190,7 @@ def fp32_node_names(model: onnx.ModelProto, keep_fp32_ops: tuple[str, ...] = FRA
 def fp16_node_errors(fp32_path, fp16_path, feeds: list[dict]) -> dict[str, float]:
     """Relative L2 error (FP16 graph against FP32 graph) of every float tensor a node of the FP32 graph
     produces that the FP16 graph still has, accumulated over ``feeds``; inf where FP16 is not finite."""
-    from vlexport.calibration.quantize import _run_each, _session_with_outputs
+    from vlexport.calibration.activations import _run_each, _session_with_outputs
 
     sess32, names32 = _session_with_outputs(fp32_path, None)
     m16 = onnx.load(str(fp16_path), load_external_data=False)

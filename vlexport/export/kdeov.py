@@ -28,7 +28,7 @@ from vlexport.export.command import (PRECISION_OPTIONS, FamilyCommand, Precision
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch, yolo_preprocess
 from vlexport.models.kdeov.checkpoint import KDEOVCheckpoint
-from vlexport.models.kdeov.model import best_folded_similarity
+from vlexport.models.kdeov.heads import best_folded_similarity
 from vlexport.runtime.bundle import sha256_file
 from vlexport.runtime.spec import PartSignature, TensorSpec
 
@@ -158,7 +158,8 @@ def create_model(preset: str, **kwargs: Any) -> nn.Module:
     """A KDEOV model of a preset (``vlexport.registry.create_model("kdeov", preset)``), with the
     preset's CLIP text tower unless ``text_encoder`` is given (random weights when they are not cached)."""
     from vlexport.models.clip.towers import FrozenCLIPTextEncoder
-    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
+    from vlexport.models.kdeov.model import build_kdeov
 
     config = KDEOV_PRESETS[preset]
     if "text_encoder" not in kwargs:
@@ -238,7 +239,7 @@ def resolve_config(opts: KDEOVExportOptions):
 
 def _resolve(opts: KDEOVExportOptions) -> tuple[Any, KDEOVCheckpoint | None]:
     """The model config (see :func:`resolve_config`) and the checkpoint, read here once for the whole export."""
-    from vlexport.models.kdeov.model import KDEOV_PRESETS
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
 
     if opts.preset not in KDEOV_PRESETS:
         raise UsageError(f"unknown kdeov preset {opts.preset!r}; choose one of {', '.join(KDEOV_PRESETS)}")

@@ -128,7 +128,7 @@ COMMAND = FamilyCommand(
 def export_options(options: Options) -> SCLIPExportOptions:
     """The exporter's options for CLI-level ``options`` (precision checked, then the vocabulary parsed)."""
     from vlexport.models.clip.text import parse_vocabulary
-    from vlexport.models.sclip.model import classes_from_option
+    from vlexport.models.sclip.vocabulary import classes_from_option
 
     precision = precision_from(options)
     names, vocab = options.classes, options.vocab
@@ -145,7 +145,8 @@ def export(options: Options) -> ExportReport:
 
 
 def _segmenter(opts: SCLIPExportOptions):
-    from vlexport.models.sclip.model import SCLIP_PRESETS, SCLIPSegmenter
+    from vlexport.models.sclip.config import SCLIP_PRESETS
+    from vlexport.models.sclip.model import SCLIPSegmenter
     from vlexport.models.clip.text import TextEmbeddingCache, resolve_templates
 
     if opts.preset not in SCLIP_PRESETS:
@@ -178,7 +179,7 @@ def build_plan(opts: SCLIPExportOptions | Options) -> ExportPlan:
     if isinstance(opts, Options):
         opts = export_options(opts)
     from vlexport.data.readers import parity_frames, synthetic_images
-    from vlexport.models.sclip.model import window_grid
+    from vlexport.models.sclip.windows import window_grid
 
     seg, templates_id, n_templates = _segmenter(opts)
     cfg = seg.config

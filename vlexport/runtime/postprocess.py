@@ -1,4 +1,19 @@
-"""Detection post-processing in numpy: score filter, non-maximum suppression, top-k."""
+"""Detection post-processing in numpy: score filter, non-maximum suppression, top-k.
+
+Why not ``cv2.dnn.NMSBoxesBatched``: on ordinary boxes (positive area, positive scores, positive
+coordinates) it keeps exactly the same boxes in the same order as :func:`nms`, ties and a
+``max_keep`` cut included (checked on 2,400 random sets of up to 300 boxes and 80 classes). It
+differs where a detector's raw output can still land:
+
+* scores: it needs ``score_threshold >= 0`` and keeps only scores strictly above it, so a score of
+  exactly 0 (or the threshold) is dropped, where :func:`select_detections` keeps ``>=``;
+* class offsets: it shifts class ``c`` by ``c * (largest coordinate + 1)``, so with negative
+  coordinates (boxes past the top-left edge) boxes of different classes suppress each other;
+* zero-area boxes: it lets one suppress every other zero-area box, where their IoU here is 0.
+
+So the Python loop stays (its cost is bounded by ``max_candidates`` and the early stop at
+``max_keep``).
+"""
 
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from vlexport.errors import UsageError
-from vlexport.models.clip.towers import _export_safe_attention, load_clip_model
+from vlexport.models.clip.towers import _export_safe_attention
+from vlexport.models.clip.weights import load_clip_model
 from vlexport.models.captioner.deformable import MultiScaleDeformableAttention
 
 __all__ = ["MultiScaleCLIPEncoder", "tap_indices", "NUM_LEVELS"]
@@ -108,7 +109,7 @@ class MultiScaleCLIPEncoder(nn.Module):
     """CLIP-normalised images ``[B, 3, S, S]`` -> prefix tokens ``[B, num_queries, embed_size]``.
 
     See the module docstring for the design. The vision tower comes from
-    :func:`~vlexport.models.clip.towers.load_clip_model`, which returns a model shared by every user
+    :func:`~vlexport.models.clip.weights.load_clip_model`, which returns a model shared by every user
     in the process: with ``freeze_vision=True`` it is used as is (frozen, always in eval mode; moving
     this encoder to another device moves the shared tower too); with ``freeze_vision=False`` a private
     deep copy is made trainable, so training never changes the shared model.

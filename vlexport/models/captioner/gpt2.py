@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlexport.errors import CheckpointError, WeightsUnavailableError
+from vlexport.models.common.hf_cache import find_cached_files, hub_cache_dir
 
 log = logging.getLogger("vlexport")
 
@@ -211,42 +212,32 @@ class GPT2LMHeadModel(nn.Module):
 # Loading by name
 
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # legacy causal-mask buffers, not weights
-
-
-def _hf_cache_roots() -> list[Path]:
-    roots = []
-    if os.environ.get("HF_HUB_CACHE"):
-        roots.append(Path(os.environ["HF_HUB_CACHE"]))
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    roots.append(hf_home / "hub")
-    return roots
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def find_gpt2_files(name_or_path: str | os.PathLike) -> tuple[Path | None, Path]:
     """``(config.json or None, weights file)`` for a folder, a file, or a cached hub name."""
     p = Path(name_or_path)
-    folders: list[Path] = []
     if p.is_file():
         return (p.parent / "config.json" if (p.parent / "config.json").is_file() else None), p
     text = str(name_or_path)
     if p.is_dir():
-        folders = [p]
-    elif p.suffix in (".safetensors", ".bin", ".pt", ".pth") or text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise CheckpointError(f"GPT-2 weights {text} do not exist")
-    else:  # a hub id such as "gpt2" or "openai-community/gpt2"
-        repo = "models--" + text.replace("/", "--")
-        for root in _hf_cache_roots():
-            folders += sorted((root / repo / "snapshots").glob("*"), key=lambda f: f.stat().st_mtime, reverse=True)
-    for folder in folders:
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (folder / name).is_file():
-                cfg = folder / "config.json"
-                return (cfg if cfg.is_file() else None), folder / name
-    if p.is_dir():
+        for name in _WEIGHT_FILES:
+            if (p / name).is_file():
+                cfg = p / "config.json"
+                return (cfg if cfg.is_file() else None), p / name
         raise CheckpointError(f"{p} has no model.safetensors or pytorch_model.bin")
+    if p.suffix in (".safetensors", ".bin", ".pt", ".pth") or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise CheckpointError(f"GPT-2 weights {text} do not exist")
+    # A hub id such as "gpt2" or "openai-community/gpt2": its cached snapshots, main ref first.
+    found = find_cached_files(text, [(name,) for name in _WEIGHT_FILES])
+    if found is not None:
+        snap, (weights,) = found
+        cfg = snap / "config.json"
+        return (cfg if cfg.is_file() else None), weights
     raise WeightsUnavailableError(
         f"GPT-2 weights {str(name_or_path)!r} are not a file, a folder, or a cached Hugging Face snapshot "
-        f"(looked in {', '.join(str(r) for r in _hf_cache_roots())}); download them on a machine with "
+        f"(looked in {hub_cache_dir()}); download them on a machine with "
         "internet (e.g. `huggingface-cli download gpt2`) or pass --gpt2 PATH"
     )
 

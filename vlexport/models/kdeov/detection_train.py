@@ -35,34 +35,23 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlexport.errors import CheckpointError, SourceError, UsageError
-from vlexport.models.kdeov.model import KDEOVModel, folded_similarity, save_kdeov_checkpoint
-from vlexport.runtime.preprocess import letterbox
+from vlexport.errors import CheckpointError, UsageError
+from vlexport.models.kdeov.checkpoint import save_kdeov_checkpoint
+from vlexport.models.kdeov.detection_data import DetectionSample, prepare_samples
+from vlexport.models.kdeov.detector_init import init_region_head_from_detector, max_region_logit_scale
+from vlexport.models.kdeov.heads import folded_similarity
+from vlexport.models.kdeov.model import KDEOVModel
 
-__all__ = ["DetectionTrainOptions", "DetectionSample", "prepare_samples", "train_kdeov_detection", "train_kdeov_on_dataset",
-           "text_tower_identity", "check_text_tower"]
+__all__ = ["DetectionTrainOptions", "train_kdeov_detection", "train_kdeov_on_dataset", "text_tower_identity",
+           "check_text_tower"]
 
 logger = logging.getLogger(__name__)
 
-#: Largest region logit scale: the detector-initialised head needs ~1e3 (its cosines are compressed,
-#: by the norm floor: the bound grows with it).
-REGION_MAX_LOGIT_SCALE = 2000.0
-# Detector-classifier initialisation: the norm floor (relative to the largest projected norm seen,
-# and at least the absolute value), and the logit it centres on.
-_INIT_NORM_FLOOR = 1000.0
-_INIT_FLOOR_MARGIN = 10.0
-# ... and the size of the GroupNorm-steadying pattern, relative to the projected features' spread:
-# large enough that every image's spread is the pattern's (within 1/(2*30^2)), small enough that
-# GroupNorm taking it out again stays exact in float32 (PyTorch's eager path, the parity reference).
-_INIT_STABILISER = 30.0
-_INIT_LOGIT_OFFSET = -8.0
 #: What stays fixed while the detection path trains.
 FREEZE_MODES = ("heads", "backbone", "none")
 # Ultralytics' default loss gains (box CIoU, class BCE, distribution focal loss).
@@ -85,7 +74,7 @@ class DetectionTrainOptions:
         flip: also train on mirrored images.
         region_distill_weight: weight of the ViLD-style region distillation (0: off).
         init_from_detector: start the region projections from the source detector's own classifier
-            on the training classes it knows (see :func:`init_region_head_from_detector`).
+            on the training classes it knows (see :func:`~vlexport.models.kdeov.detector_init.init_region_head_from_detector`).
         checkpoint_every: write the checkpoint every this many steps (0: only at the end).
         seed: sampling and initialisation seed.
         device: ``"cuda"``, ``"cpu"`` or None (a GPU when there is one).
@@ -116,19 +105,6 @@ class DetectionTrainOptions:
             raise UsageError("--distill-regions and --checkpoint-every must be zero or positive")
 
 
-@dataclasses.dataclass
-class DetectionSample:
-    """One training image: the network input and its boxes in input pixels (xyxy) and class indices."""
-
-    image: torch.Tensor  # [3, S, S] RGB in [0, 1], letterboxed as the bundle's runtime does
-    boxes: torch.Tensor  # [K, 4] float32, input pixels
-    labels: torch.Tensor  # [K] int64, indices into the training vocabulary
-    source: str
-    crops: torch.Tensor | None = None  # [K, D] CLIP image embeddings of the boxes (region distillation)
-    feats: list[torch.Tensor] | None = None  # cached outputs of the frozen part, per level
-    raw_boxes: torch.Tensor | None = None  # cached box-branch outputs [4 * reg_max, N] (freeze="heads")
-
-
 def text_tower_identity(loaded: Any) -> dict[str, Any]:
     """What identifies a text tower's embeddings: model, weights sha256 and activation."""
     return {"model": loaded.model_name, "weights_sha256": loaded.weights_sha256, "activation": loaded.activation,
@@ -147,72 +123,6 @@ def check_text_tower(trained: dict[str, Any] | None, loaded: Any, checkpoint: st
             f"{checkpoint} was trained against another CLIP text tower: " + ", ".join(diff)
             + "; pass the same --clip-model/--clip-pretrained/--clip-activation it was trained with"
         )
-
-
-# -- data -----------------------------------------------------------------------------------------
-
-
-def _to_tensor(bgr: np.ndarray, size: int) -> tuple[torch.Tensor, Any]:
-    img, info = letterbox(bgr, (size, size))
-    rgb = np.ascontiguousarray(img[:, :, ::-1])
-    return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0), info
-
-
-def prepare_samples(
-    dataset: Any,
-    vocabulary: Sequence[str],
-    image_size: int,
-    *,
-    flip: bool = True,
-    crop_encoder: Any = None,
-) -> list[DetectionSample]:
-    """Letterboxed images with their boxes mapped to input pixels (and mirrored copies with ``flip``).
-
-    Boxes whose class name is not in ``vocabulary`` are dropped (training on base classes only);
-    their images stay, as negatives. ``crop_encoder`` (a CLIP image tower) embeds every box's crop
-    of the source image for region distillation.
-    """
-    index = {name: i for i, name in enumerate(vocabulary)}
-    unknown = sorted(set(vocabulary) - set(dataset.names))
-    if unknown:
-        raise UsageError(f"class name(s) {unknown} are not in the dataset's names; choose among {dataset.names}")
-    samples: list[DetectionSample] = []
-    for item in tqdm(dataset.items, desc="reading images", unit="image", leave=False):
-        bgr = cv2.imread(str(item.image_path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise SourceError(f"cannot decode training image {item.image_path}")
-        keep = [k for k, c in enumerate(item.class_ids) if dataset.names[int(c)] in index]
-        src_boxes = item.boxes[keep].astype(np.float32)
-        labels = torch.tensor([index[dataset.names[int(item.class_ids[k])]] for k in keep], dtype=torch.long)
-        image, info = _to_tensor(bgr, image_size)
-        gx, gy = info.gain_xy
-        boxes = torch.from_numpy(src_boxes.copy()).reshape(-1, 4)
-        boxes[:, [0, 2]] = boxes[:, [0, 2]] * gx + info.pad_x
-        boxes[:, [1, 3]] = boxes[:, [1, 3]] * gy + info.pad_y
-        crops = _crop_embeddings(crop_encoder, bgr, src_boxes) if crop_encoder is not None else None
-        samples.append(DetectionSample(image, boxes, labels, str(item.image_path), crops))
-        if flip:
-            mirrored = boxes.clone()
-            mirrored[:, [0, 2]] = image_size - boxes[:, [2, 0]]
-            samples.append(DetectionSample(image.flip(-1).contiguous(), mirrored, labels.clone(),
-                                           f"{item.image_path} (mirrored)", crops))
-    return samples
-
-
-@torch.no_grad()
-def _crop_embeddings(encoder: Any, bgr: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
-    """The CLIP image tower's embedding of each box's crop (at least 4 px a side)."""
-    h, w = bgr.shape[:2]
-    crops = []
-    for x1, y1, x2, y2 in boxes:
-        x1, y1 = int(max(0, math.floor(x1))), int(max(0, math.floor(y1)))
-        x2, y2 = int(min(w, max(x1 + 4, math.ceil(x2)))), int(min(h, max(y1 + 4, math.ceil(y2))))
-        rgb = np.ascontiguousarray(bgr[y1:y2, x1:x2, ::-1])
-        crops.append(torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0))
-    if not crops:
-        return torch.zeros(0, encoder.embed_dim)
-    device = encoder.device
-    return torch.cat([encoder(c[None].to(device)).cpu() for c in crops])
 
 
 # -- loss -----------------------------------------------------------------------------------------
@@ -456,107 +366,6 @@ def train_kdeov_detection(
     return history
 
 
-def max_region_logit_scale(model: KDEOVModel) -> float:
-    """The bound on ``exp(region_logit_scale)``: cosines under a norm floor ν are ~1/ν, so it scales with ν."""
-    return max(REGION_MAX_LOGIT_SCALE, 2.0 * float(model.region_norm_floor))
-
-
-@torch.no_grad()
-def init_region_head_from_detector(
-    model: KDEOVModel,
-    text: torch.Tensor,
-    vocabulary: Sequence[str],
-    samples: Sequence[DetectionSample],
-    *,
-    regions: bool,
-    max_samples: int = 32,
-) -> list[str]:
-    """Distil the source detector's closed-set classifier into the region-text head, in closed form.
-
-    For the training classes the detector knows (by name), its final 1x1 classifier ``z = W f + c``
-    is mapped into the text space with the pseudo-inverse of their text embeddings ``T``: the
-    projection becomes ``e = T⁺ (W f + c - m)`` (so ``T e = z - m`` exactly), and the norm
-    floor ``ν`` of :meth:`KDEOVModel.scoring_embeddings` is set far above ``|e|``, so that
-    ``t·e / sqrt(|e|² + ν²)`` is an affine function of the detector's logit. (A constant direction
-    added to ``e`` would steady the norm as well, but every text not orthogonal to it, as unseen
-    class names are, would then score at every location.) Its GroupNorm is steadied by a large
-    zero-mean pattern in the conv bias (so it divides every image by the same spread) and starts by
-    undoing the statistics measured on the training images, pattern included; the logit
-    scale and bias are a weighted least-squares fit of the detector's logits on the resulting
-    cosines. Classes the detector does not know (the novel classes of an open-vocabulary split)
-    get nothing from it: train those with region distillation and pretrained CLIP. Returns the
-    classes used.
-    """
-    backbone = model.backbone
-    names = backbone.source_names or []
-    if not backbone.has_box_head or not names:
-        return []
-    known = [(i, names.index(v)) for i, v in enumerate(vocabulary) if v in names]
-    if not known:
-        return []
-    voc_idx = torch.tensor([k for k, _ in known])
-    src_idx = torch.tensor([s for _, s in known])
-    device = text.device
-    t = F.normalize(text[voc_idx].double(), dim=-1)
-    t_pinv = torch.linalg.pinv(t)  # [D, K]
-    subset = list(samples[:max_samples])
-    logits, projected = [], []
-    for level, proj in enumerate(model.spatial_projections):
-        classifier = backbone.detect.cv3[level][-1]
-        w = classifier.weight[src_idx, :, 0, 0].double()
-        c = classifier.bias[src_idx].double() - _INIT_LOGIT_OFFSET
-        proj.conv.weight.copy_((t_pinv @ w).to(proj.conv.weight)[:, :, None, None])
-        proj.conv.bias.copy_((t_pinv @ c).to(proj.conv.bias))
-        feats = _level_regions(model, subset, level, regions, device)  # [S, C3, H, W]
-        groups, dim = proj.norm.num_groups, proj.conv.out_channels
-        # GroupNorm divides by each image's own spread, which would rescale the detector's logits
-        # image by image. A large per-channel pattern (zero mean in every group) added to the conv
-        # bias dominates that spread, so the division is the same for every image; GroupNorm's
-        # bias takes the pattern out again, so the embedding carries no constant direction.
-        spread = float(proj.conv(feats).std())
-        pattern = torch.randn(groups, dim // groups, generator=torch.Generator().manual_seed(level), dtype=torch.float64)
-        pattern = pattern - pattern.mean(1, keepdim=True)
-        pattern = (pattern / pattern.pow(2).mean(1, keepdim=True).sqrt()).flatten() * _INIT_STABILISER * spread
-        proj.conv.bias.add_(pattern.to(proj.conv.bias))
-        y = proj.conv(feats)
-        g = y.reshape(y.shape[0], groups, -1)
-        mean = g.mean(-1).mean(0)  # per group, averaged over images
-        std = (g.var(-1, unbiased=False) + proj.norm.eps).sqrt().mean(0)
-        proj.norm.weight.copy_(std.repeat_interleave(dim // groups))
-        proj.norm.bias.copy_(mean.repeat_interleave(dim // groups) - pattern.to(proj.norm.bias))
-        projected.append(proj(feats).flatten(2))  # [S, D, HW]
-        logits.append(classifier(feats)[:, src_idx].flatten())
-    largest = float(max(p.norm(dim=1).max() for p in projected))
-    floor = max(_INIT_NORM_FLOOR, _INIT_FLOOR_MARGIN * largest)
-    model.region_norm_floor.fill_(floor)
-    unit_text = F.normalize(text[voc_idx], dim=-1)
-    cos = torch.cat([torch.einsum("kd,sdn->skn", unit_text, model.scoring_embeddings(p)).flatten()
-                     for p in projected]).double()
-    z = torch.cat(logits).double()
-    weight = torch.sigmoid(z) + 0.01  # the positives decide the ranking: weigh them in
-    a = torch.stack([cos, torch.ones_like(cos)], 1) * weight.sqrt()[:, None]
-    scale, bias = torch.linalg.lstsq(a, z * weight.sqrt()).solution.tolist()
-    scale = min(max(scale, 1.0), max_region_logit_scale(model))
-    model.region_logit_scale.fill_(math.log(scale))
-    model.region_bias.fill_(bias)
-    used = [vocabulary[k] for k, _ in known]
-    logger.info("region head initialised from the detector's classifier on %d class(es): scale %.1f, bias %.2f, "
-                "norm floor %.1f (largest projected norm %.1f)", len(used), scale, bias, floor, largest)
-    return used
-
-
-def _level_regions(model: KDEOVModel, samples: Sequence[DetectionSample], level: int, regions: bool,
-                   device: torch.device) -> torch.Tensor:
-    """Region features of one level for a few samples (cached when the heads are frozen)."""
-    if regions:
-        return torch.stack([s.feats[level] for s in samples]).to(device)
-    out = []
-    for s in samples:
-        feats = [f[None].to(device) for f in s.feats] if s.feats is not None else model.backbone(s.image[None].to(device))
-        out.append(model.region_features(feats)[level][0])
-    return torch.stack(out)
-
-
 @torch.no_grad()
 def _cache_features(model: KDEOVModel, samples: list[DetectionSample], device: torch.device, *, heads: bool) -> None:
     """Run the frozen part once per sample: neck features, or (``heads``) region features and box outputs."""
@@ -607,7 +416,9 @@ def train_kdeov_on_dataset(
     """
     from vlexport.data.detection import load_detection_dataset
     from vlexport.models.clip.towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
-    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov, kdeov_checkpoint_extra
+    from vlexport.models.kdeov.checkpoint import kdeov_checkpoint_extra
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
+    from vlexport.models.kdeov.model import build_kdeov
     from vlexport.models.clip.text import TextEmbeddingCache, build_text_embeddings, resolve_templates
 
     dataset = load_detection_dataset(data, split=split)

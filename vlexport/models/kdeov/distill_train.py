@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,15 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vlexport.data.readers import IMAGE_EXTENSIONS
 from vlexport.errors import SourceError, UsageError
 from vlexport.models.kdeov.dino import DINODistillation
-from vlexport.models.kdeov.model import KDEOVModel, save_kdeov_checkpoint
+from vlexport.models.kdeov.checkpoint import save_kdeov_checkpoint
+from vlexport.models.kdeov.model import KDEOVModel
 from vlexport.models.common.losses import FeatureAlignmentLoss
 from vlexport.runtime.preprocess import letterbox
+from vlexport.runtime.sources import IMAGE_EXTS
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "train_feature_alignment"]
+__all__ = ["ImageFolderDataset", "train_feature_alignment"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(
-        self, folder: str | Path, image_size: int = 640, extensions: Sequence[str] = IMAGE_EXTENSIONS
+        self, folder: str | Path, image_size: int = 640, extensions: Iterable[str] = IMAGE_EXTS
     ) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -252,7 +253,8 @@ def train_kdeov_on_folder(
     import dataclasses
 
     from vlexport.models.clip.towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
-    from vlexport.models.kdeov.model import KDEOV_PRESETS, build_kdeov
+    from vlexport.models.kdeov.config import KDEOV_PRESETS
+    from vlexport.models.kdeov.model import build_kdeov
 
     if dino_weight < 0:
         raise UsageError(f"dino_weight must be >= 0, got {dino_weight}")

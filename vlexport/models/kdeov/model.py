@@ -13,9 +13,10 @@ is its Detect head's class branch (the two 3x3 convolutions before the final 1x1
 pretrained with the detector) followed by a 1x1 projection to the text space; image-level
 zero-shot classification keeps CLIP's softmax over the vocabulary.
 
-Checkpoints (``vlexport.kdeov/2``) are plain ``torch.save`` dicts of tensors and builtins, so they
-load with ``weights_only=True``; the frozen text tower is never stored in them, but its identity
-(model, weights sha256, activation) and the vocabulary the student was trained on are.
+This module holds the model and :func:`build_kdeov`; the configuration is in
+:mod:`~vlexport.models.kdeov.config`, the projection/fusion blocks in
+:mod:`~vlexport.models.kdeov.heads` and the checkpoint format in
+:mod:`~vlexport.models.kdeov.checkpoint`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,300 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlexport.atomic import atomic_write
 from vlexport.errors import CheckpointError, UsageError
-from vlexport.models.common.backbones import LightweightVisualBackbone, check_state_dict, load_checkpoint_file
+from vlexport.models.common.backbones import LightweightVisualBackbone, check_state_dict
 from vlexport.models.kdeov.checkpoint import KDEOVCheckpoint
+from vlexport.models.kdeov.config import DEFAULT_PRESET, KDEOVConfig, _resolve_config
+from vlexport.models.kdeov.heads import CrossModalFusionModule, ProjectionNetwork, SpatialProjection, soft_normalize
 
 if TYPE_CHECKING:  # the CLIP towers are only needed when text is encoded
     from vlexport.models.clip.towers import FrozenCLIPTextEncoder
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "FUSION_MODES",
-    "BOX_SOURCES",
-    "ProjectionNetwork",
-    "SpatialProjection",
-    "CrossModalFusionModule",
-    "folded_similarity",
-    "folded_projection",
-    "best_folded_similarity",
-    "soft_normalize",
-    "KDEOVConfig",
-    "KDEOV_PRESETS",
-    "KDEOVModel",
-    "save_kdeov_checkpoint",
-    "load_kdeov_checkpoint",
-    "kdeov_checkpoint_extra",
-    "build_kdeov",
-]
+__all__ = ["REGION_BIAS_INIT", "KDEOVModel", "build_kdeov"]
 
-CHECKPOINT_FORMAT = "vlexport.kdeov/2"
-# Format 1 scored the neck features with a softmax head and has no region branch to load into.
-_OLD_FORMATS = {"vlexport.kdeov/1": "a softmax head on the neck features, before per-class sigmoid scoring"}
-#: Initial region-score bias: sigmoid(-4.6) = 0.01, a rare-positive prior as in RetinaNet/YOLO.
 REGION_BIAS_INIT = -math.log(99.0)
-FUSION_MODES = ("film", "cross_attention")
-BOX_SOURCES = ("grid", "yolo")
 _TEXT_PREFIX = "text_encoder."
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks
-# --------------------------------------------------------------------------------------------
-
-
-class ProjectionNetwork(nn.Module):
-    """Global average pooling → Linear → GELU → Linear → L2 normalisation: ``[B, C, H, W] → [B, D]``."""
-
-    def __init__(self, in_channels: int, embed_dim: int, hidden: int | None = None) -> None:
-        super().__init__()
-        hidden = hidden or max(in_channels, embed_dim)
-        self.fc1 = nn.Linear(in_channels, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(dim=(2, 3))
-        return F.normalize(self.fc2(self.act(self.fc1(pooled))), dim=-1)
-
-
-class SpatialProjection(nn.Module):
-    """1x1 convolution + GroupNorm: ``[B, C, H, W] → [B, D, H, W]`` (not normalised).
-
-    The number of groups is ``gcd(groups, embed_dim)`` so that it always divides ``embed_dim``.
-    """
-
-    def __init__(self, in_channels: int, embed_dim: int, groups: int = 32) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, embed_dim, 1)
-        self.norm = nn.GroupNorm(math.gcd(groups, embed_dim), embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x))
-
-
-class CrossModalFusionModule(nn.Module):
-    """Condition a visual map ``[B, D, H, W]`` on text features; the output has the input's shape.
-
-    Text features are ``[C, D]`` (one vocabulary shared by the batch) or ``[B, C, D]``.
-
-    * ``"film"``: ``γ, β = W_γ t̄, W_β t̄`` from the mean text feature ``t̄``;
-      ``out = v · (1 + γ) + β``. ``W_γ``, ``W_β`` start at zero, so the module starts as identity.
-    * ``"cross_attention"``: the ``H·W`` visual tokens attend to the ``C`` text tokens
-      (multi-head attention), ``out = LayerNorm(v + Attn(v, t, t))``.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int = 8, mode: str = "film") -> None:
-        super().__init__()
-        if mode not in FUSION_MODES:
-            raise UsageError(f"unknown fusion mode {mode!r}; choose one of: {', '.join(FUSION_MODES)}")
-        self.mode = mode
-        self.embed_dim = embed_dim
-        if mode == "film":
-            self.gamma = nn.Linear(embed_dim, embed_dim)
-            self.beta = nn.Linear(embed_dim, embed_dim)
-            for layer in (self.gamma, self.beta):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-        else:
-            if embed_dim % num_heads:
-                raise UsageError(f"fusion: num_heads {num_heads} must divide embed_dim {embed_dim}")
-            self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
-            self.norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        if visual.ndim != 4 or visual.shape[1] != self.embed_dim:
-            raise UsageError(f"fusion: expected visual [B, {self.embed_dim}, H, W], got {tuple(visual.shape)}")
-        if text.ndim not in (2, 3) or text.shape[-1] != self.embed_dim:
-            raise UsageError(
-                f"fusion: expected text [C, {self.embed_dim}] or [B, C, {self.embed_dim}], got {tuple(text.shape)}"
-            )
-        b, d, h, w = visual.shape
-        if self.mode == "film":
-            t = text.mean(dim=-2)  # [D] or [B, D]
-            gamma = self.gamma(t).reshape(-1, d, 1, 1)
-            beta = self.beta(t).reshape(-1, d, 1, 1)
-            return visual * (1.0 + gamma) + beta
-        tokens = visual.flatten(2).transpose(1, 2)  # [B, HW, D]
-        keys = text.unsqueeze(0).expand(b, -1, -1) if text.ndim == 2 else text
-        attended, _ = self.attn(tokens, keys, keys, need_weights=False)
-        out = self.norm(tokens + attended)
-        return out.transpose(1, 2).reshape(b, d, h, w)
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}"
-
-
-def soft_normalize(x: torch.Tensor, floor: torch.Tensor | float, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
-    """``x / sqrt(|x|² + floor²)`` along ``dim``: :func:`F.normalize` when ``floor`` is zero."""
-    sq = (x * x).sum(dim, keepdim=True) + floor * floor
-    return x / sq.sqrt().clamp_min(eps)
-
-
-def folded_projection(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``GroupNorm(conv(x))`` as a per-sample affine map of ``x``: ``(x_flat, W', c)``.
-
-    ``x`` [B, Cin, H, W] feeds a 1x1 ``conv`` (Cin → D) and a ``GroupNorm``. GroupNorm's
-    statistics are linear/quadratic in ``x``: from the spatial mean x̄ and second moment
-    S = X Xᵀ / HW (the statistics derived in float64, so E[y²] − E[y]² does not cancel badly) we
-    get per-sample scales ``a`` and shifts ``b`` with ``GN(conv(x)) = W' x + c`` where
-    ``W' = a ⊙ W`` [B, D, Cin] and ``c = a ⊙ bias + b`` [B, D]; ``x_flat`` is [B, Cin, HW].
-    """
-    b, cin = x.shape[0], x.shape[1]
-    d, groups = conv.out_channels, norm.num_groups
-    w = conv.weight.reshape(d, cin)
-    bias = conv.bias if conv.bias is not None else torch.zeros(d, dtype=x.dtype, device=x.device)
-    xf = x.flatten(2)  # [B, Cin, HW]
-    hw = xf.shape[2]
-    # The moments are sums over HW done in float32 GEMMs; everything derived from them (tiny
-    # [Cin, Cin] matrices) is float64.
-    mean_x = xf.mean(dim=2).double()  # [B, Cin]
-    second = (torch.matmul(xf, xf.transpose(1, 2)) / hw).double()  # [B, Cin, Cin]
-    w64, bias64 = w.double(), bias.double()
-    mean_y = torch.matmul(mean_x, w64.t()) + bias64  # [B, D]: E[y_c]
-    sq_y = ((torch.matmul(w64, second) * w64).sum(-1)  # [B, D]: E[y_c^2]
-            + 2 * bias64 * torch.matmul(mean_x, w64.t()) + bias64 * bias64)
-    mu = mean_y.reshape(b, groups, -1).mean(-1, keepdim=True)
-    var = sq_y.reshape(b, groups, -1).mean(-1, keepdim=True) - mu * mu
-    scale = (1.0 / torch.sqrt(var + norm.eps)).expand(-1, -1, d // groups).reshape(b, d)  # [B, D]
-    shift = (-mu * (1.0 / torch.sqrt(var + norm.eps))).expand(-1, -1, d // groups).reshape(b, d)
-    gamma = norm.weight.double() if norm.affine else torch.ones(d, dtype=torch.float64)
-    beta = norm.bias.double() if norm.affine else torch.zeros(d, dtype=torch.float64)
-    a = gamma * scale  # GN(y)_c = a_c y_c + (gamma_c shift_c + beta_c)
-    w_eff = (a.unsqueeze(-1) * w64).to(x.dtype)  # [B, D, Cin]
-    c_eff = (a * bias64 + gamma * shift + beta).to(x.dtype)  # [B, D]
-    return xf, w_eff, c_eff
-
-
-def _folded_norm(xf: torch.Tensor, w_eff: torch.Tensor, c_eff: torch.Tensor, floor: torch.Tensor | float
-                 ) -> torch.Tensor:
-    """``sqrt(|W' x + c|² + floor²)`` per location [B, 1, HW], as the quadratic form in ``x``."""
-    q = torch.matmul(w_eff.transpose(1, 2), w_eff)  # [B, Cin, Cin]
-    lin = 2.0 * torch.matmul(c_eff.unsqueeze(1), w_eff)  # [B, 1, Cin]
-    qx = torch.matmul(q, xf)  # [B, Cin, HW]
-    sq_norm = (torch.matmul(torch.ones_like(lin), qx * xf) + torch.matmul(lin, xf)
-               + (c_eff * c_eff).sum(-1, keepdim=True).unsqueeze(-1))  # [B, 1, HW]
-    return (sq_norm.clamp_min(0) + floor * floor).sqrt().clamp_min(1e-12)
-
-
-def folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text: torch.Tensor,
-                      floor: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """``text @ soft_normalize(GroupNorm(conv(x)), floor)`` per location, without the D-channel map.
-
-    With :func:`folded_projection`'s ``GN(conv(x)) = W' x + c`` the similarities are
-    ``(T W') x + T c`` and the squared norms the quadratic form ``xᵀ W'ᵀW' x + 2 cᵀW' x + |c|²``:
-    GEMMs of width Cin (80 for YOLOv8n's class branch) instead of D (512). ``text`` is [C, D]
-    (unit rows); returns [B, C, HW].
-    """
-    xf, w_eff, c_eff = folded_projection(x, conv, norm)
-    sim = torch.matmul(torch.matmul(text, w_eff), xf) + torch.matmul(c_eff, text.t()).unsqueeze(-1)  # [B, C, HW]
-    return sim / _folded_norm(xf, w_eff, c_eff, floor)
-
-
-def best_folded_similarity(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, text: torch.Tensor,
-                           floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The largest of :func:`folded_similarity` over the classes, and its class: ``([B, HW], [B, HW])``.
-
-    Arranged for inference with large vocabularies: the denominator does not depend on the class,
-    so the maximum is taken on the numerators; ``T c`` rides in the GEMM as one more input row of
-    ones; and the GEMM writes [HW, C], so the maximum runs along contiguous memory (onnxruntime's
-    reductions over a strided axis cost several times more). One TopK gives value and index.
-    """
-    xf, w_eff, c_eff = folded_projection(x, conv, norm)
-    # The Concat also keeps onnxruntime from fusing the transpose into a slower transposed GEMM.
-    rows = torch.cat([xf.transpose(1, 2), torch.ones_like(xf[:, :1]).transpose(1, 2)], 2)  # [B, HW, Cin+1]
-    classes = torch.cat([torch.matmul(w_eff.transpose(1, 2), text.t()),
-                         torch.matmul(c_eff, text.t()).unsqueeze(1)], 1)  # [B, Cin+1, C]
-    top, idx = torch.matmul(rows, classes).topk(1, dim=2)  # [B, HW, 1]
-    return top[..., 0] / _folded_norm(xf, w_eff, c_eff, floor)[:, 0], idx[..., 0]
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KDEOVConfig:
-    """Everything needed to rebuild a KDEOV model (stored in its checkpoints).
-
-    Attributes:
-        backbone: ``"yolov8n"``, ``"yolov5s"`` or ``"simple"``.
-        embed_dim: joint embedding size; must equal the CLIP text tower's.
-        fusion: ``"film"`` or ``"cross_attention"``.
-        fusion_heads: attention heads for ``"cross_attention"``.
-        box_source: ``"grid"`` (a default square per cell) or ``"yolo"`` (the backbone's box head).
-        grid_box_scale: side of a grid cell's default box, in multiples of the level's stride.
-        image_size: square input size (multiple of 32).
-        clip_model, clip_pretrained: the CLIP towers the student is aligned to (open_clip model
-            name or ``"tiny"``; pretrained tag, weights path, or None for seeded random weights).
-        clip_activation: the towers' MLP activation, ``"auto"`` (from the weights' provenance),
-            ``"quickgelu"`` or ``"gelu"`` (see :func:`~vlexport.models.clip.towers.resolve_activation`).
-    """
-
-    backbone: str = "yolov8n"
-    embed_dim: int = 512
-    fusion: str = "film"
-    fusion_heads: int = 8
-    box_source: str = "grid"
-    grid_box_scale: float = 4.0
-    image_size: int = 640
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str | None = "openai"
-    clip_activation: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.fusion not in FUSION_MODES:
-            raise UsageError(f"unknown fusion {self.fusion!r}; choose one of: {', '.join(FUSION_MODES)}")
-        if self.box_source not in BOX_SOURCES:
-            raise UsageError(f"unknown box_source {self.box_source!r}; choose one of: {', '.join(BOX_SOURCES)}")
-        if not isinstance(self.embed_dim, int) or self.embed_dim <= 0:
-            raise UsageError(f"embed_dim must be a positive integer, got {self.embed_dim!r}")
-        if not isinstance(self.image_size, int) or self.image_size <= 0 or self.image_size % 32:
-            raise UsageError(f"image_size must be a positive multiple of 32, got {self.image_size!r}")
-        if not self.grid_box_scale > 0:
-            raise UsageError(f"grid_box_scale must be > 0, got {self.grid_box_scale!r}")
-        if not isinstance(self.fusion_heads, int) or self.fusion_heads <= 0:
-            raise UsageError(f"fusion_heads must be a positive integer, got {self.fusion_heads!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of builtins (JSON- and ``weights_only``-safe)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> KDEOVConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are a UsageError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UsageError(f"unknown KDEOV config key(s): {', '.join(map(str, unknown))}")
-        return cls(**dict(data))
-
-    # Fields that change the weights' shapes or meaning; the rest may differ from a checkpoint's.
-    architecture_fields = ("backbone", "embed_dim", "fusion", "fusion_heads", "clip_model")
-
-
-KDEOV_PRESETS: dict[str, KDEOVConfig] = {
-    "tiny": KDEOVConfig(backbone="simple", embed_dim=64, clip_model="tiny", clip_pretrained=None,
-                        image_size=128, box_source="grid"),
-    "yolov8n-vitb32": KDEOVConfig(backbone="yolov8n", embed_dim=512, clip_model="ViT-B-32",
-                                  clip_pretrained="openai", image_size=640, box_source="yolo"),
-    "yolov5s-vitb32": KDEOVConfig(backbone="yolov5s", embed_dim=512, clip_model="ViT-B-32",
-                                  clip_pretrained="openai", image_size=640, box_source="yolo"),
-}
-DEFAULT_PRESET = "yolov8n-vitb32"
-
-
-def _resolve_config(config: KDEOVConfig | str) -> KDEOVConfig:
-    if isinstance(config, KDEOVConfig):
-        return config
-    if isinstance(config, str):
-        if config not in KDEOV_PRESETS:
-            raise UsageError(f"unknown KDEOV preset {config!r}; choose one of: {', '.join(KDEOV_PRESETS)}")
-        return KDEOV_PRESETS[config]
-    raise UsageError(f"expected a KDEOVConfig or a preset name, got {type(config).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,86 +339,6 @@ class _StudentView(nn.Module):
             self.register_buffer(name, buf)
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def _check_plain(value: Any, where: str) -> None:
-    """``extra`` must load with ``weights_only=True``: builtins, containers and tensors only."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise UsageError(f"checkpoint extra: key {k!r} at {where} must be a str or int")
-            _check_plain(v, f"{where}[{k!r}]")
-        return
-    raise UsageError(f"checkpoint extra: {where} is a {type(value).__name__}; only builtins and tensors can be saved")
-
-
-def save_kdeov_checkpoint(model: KDEOVModel, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``{"format", "config", "state_dict", "extra", "backbone_source_names"}`` atomically.
-
-    The state dict excludes the frozen text tower. The file is written to a temporary file in
-    the same folder and renamed into place, so an interrupted save leaves no partial file.
-    """
-    path = Path(path)
-    extra = dict(extra or {})
-    _check_plain(extra, "extra")
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "config": model.config.to_dict(),
-        "state_dict": model.student_state_dict(),
-        "extra": extra,
-        "backbone_source_names": model.backbone.source_names,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as fh:
-        torch.save(payload, fh)
-    return path
-
-
-def _read_kdeov_checkpoint(path: str | Path) -> dict[str, Any]:
-    obj = load_checkpoint_file(path, trust=False, what="KDEOV checkpoint")
-    if not isinstance(obj, Mapping) or "format" not in obj:
-        raise CheckpointError(f"{path} is not a KDEOV checkpoint (no 'format' key; expected {CHECKPOINT_FORMAT})")
-    if obj["format"] in _OLD_FORMATS:
-        raise CheckpointError(
-            f"{path} is a {obj['format']} checkpoint ({_OLD_FORMATS[obj['format']]}); this vlexport reads "
-            f"{CHECKPOINT_FORMAT}: train it again with `vlexport train-kdeov`"
-        )
-    if obj["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {obj['format']!r}; expected {CHECKPOINT_FORMAT}")
-    if not isinstance(obj.get("config"), Mapping) or not isinstance(obj.get("state_dict"), Mapping):
-        raise CheckpointError(f"{path} is missing its 'config' or 'state_dict'")
-    try:
-        config = KDEOVConfig.from_dict(obj["config"])
-    except (UsageError, TypeError) as exc:
-        raise CheckpointError(f"{path} has an invalid config: {exc}") from None
-    return {**obj, "config": config}
-
-
-def load_kdeov_checkpoint(path: str | Path) -> tuple[KDEOVConfig, dict[str, torch.Tensor]]:
-    """Read a ``vlexport.kdeov/1`` checkpoint (``weights_only=True``): ``(config, state_dict)``.
-
-    Raises:
-        CheckpointError: missing, corrupt or not a KDEOV checkpoint.
-    """
-    obj = _read_kdeov_checkpoint(path)
-    return obj["config"], dict(obj["state_dict"])
-
-
-def kdeov_checkpoint_extra(path: str | Path) -> dict[str, Any]:
-    """The ``extra`` record of a KDEOV checkpoint: vocabulary, text tower identity, training state."""
-    extra = _read_kdeov_checkpoint(path).get("extra") or {}
-    return dict(extra) if isinstance(extra, Mapping) else {}
-
-
 def build_kdeov(
     config: KDEOVConfig | str | None = None,
     *,
@@ -713,7 +352,7 @@ def build_kdeov(
     Args:
         config: a :class:`KDEOVConfig` or preset name; defaults to the checkpoint's config, else
             the ``yolov8n-vitb32`` preset. If both are given, their architecture fields must agree.
-        checkpoint: a ``vlexport.kdeov/1`` file (the whole student), or its :class:`KDEOVCheckpoint` already read.
+        checkpoint: a ``vlexport.kdeov/2`` file (the whole student), or its :class:`KDEOVCheckpoint` already read.
         backbone_weights: an Ultralytics (or ``{"state_dict", "names"}``) checkpoint for the
             backbone only; exclusive with ``checkpoint``, which already contains the backbone.
         trust_checkpoint: allow unpickling ``backbone_weights`` (Ultralytics ``.pt`` files).

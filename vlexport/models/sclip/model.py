@@ -15,12 +15,14 @@ ECCV 2024. This module re-implements the official segmentor on open_clip's ViT (
 
 The exportable core is :meth:`SCLIPSegmenter.crop_logits` (a batch of crops -> per-query logits at
 crop resolution, text embeddings baked in); :meth:`SCLIPSegmenter.crop_part` wraps it for export.
+
+Presets are in :mod:`~vlexport.models.sclip.config`, class lines and synonyms in
+:mod:`~vlexport.models.sclip.vocabulary`, the sliding-window geometry in :mod:`~vlexport.models.sclip.windows`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Union
@@ -31,232 +33,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlexport.errors import UsageError
-from vlexport.models.clip.towers import (
-    TINY,
-    FrozenCLIPTextEncoder,
-    LoadedCLIP,
-    _export_safe_attention,
-    load_clip_model,
-)
+from vlexport.models.clip.towers import FrozenCLIPTextEncoder, _export_safe_attention
+from vlexport.models.clip.weights import LoadedCLIP, load_clip_model
+from vlexport.models.sclip.config import SCLIPConfig, _preset
 from vlexport.models.sclip.pamr import PAMR
+from vlexport.models.sclip.vocabulary import _templates_id, split_synonyms
+from vlexport.models.sclip.windows import _bicubic_matrix, resize_short_side, window_grid
 from vlexport.models.clip.text import (
     IMAGENET_TEMPLATES,
-    SINGLE_TEMPLATE,
     TextEmbeddingCache,
     build_text_embeddings,
 )
 
-__all__ = [
-    "OPENAI_MEAN_255",
-    "OPENAI_STD_255",
-    "SCLIPConfig",
-    "SCLIP_PRESETS",
-    "SCLIPSegmenter",
-    "csa_attention",
-    "window_grid",
-    "resize_short_side",
-    "split_synonyms",
-    "classes_from_option",
-]
-
-#: OpenAI CLIP mean/std x 255, RGB, applied to 0-255 pixel values (SCLIP's SegDataPreProcessor).
-OPENAI_MEAN_255: tuple[float, float, float] = (122.771, 116.746, 104.094)
-OPENAI_STD_255: tuple[float, float, float] = (68.501, 66.632, 70.323)
-
-#: A class line with synonyms: ``"sky, wall, tree"`` (exactly comma + space, as SCLIP's class files).
-SYNONYM_SEPARATOR = ", "
-
-#: Between the synonyms of one class in `vlexport sclip --classes` (``"road|street,car"``), where
-#: ``","`` already separates the classes.
-CLASS_OPTION_SYNONYM = "|"
+__all__ = ["SCLIPSegmenter", "csa_attention"]
 
 ImageLike = Union[np.ndarray, torch.Tensor]
 MaskSource = Union[Sequence[np.ndarray], Callable[[np.ndarray], Sequence[np.ndarray]]]
-
-
-# --------------------------------------------------------------------------------------------------
-# configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class SCLIPConfig:
-    """One SCLIP preset.
-
-    Attributes:
-        clip_model: open_clip config name (or ``"tiny"``).
-        clip_pretrained: open_clip tag, weights file, or ``None`` for seeded random weights.
-        image_size / patch_size: the ViT's native input size and patch size (informational;
-            the positional table is read from the model).
-        clip_activation: the towers' MLP activation: ``"auto"`` (from the weights' provenance, see
-            :func:`~vlexport.models.clip.towers.resolve_activation`), ``"quickgelu"`` or ``"gelu"``.
-        logit_scale: SCLIP's constant temperature (not CLIP's learnt one).
-        slide_crop / slide_stride: sliding-window size and stride; ``slide_crop=0`` runs the whole image.
-        pamr_steps / pamr_dilations: PAMR iterations (0: off, SCLIP's released configs) and dilations.
-        prob_threshold: pixels whose best class probability is below it become class 0.
-        area_threshold: classes 1.. whose argmax area is <= this fraction of the foreground are dropped.
-        mean / std: normalisation of 0-255 RGB pixels.
-        short_side / max_long_side: resize (keep ratio) so the short side is ``short_side`` unless
-            the long side would exceed ``max_long_side`` (mmcv ``Resize(scale=(2048, 336))``).
-    """
-
-    clip_model: str
-    clip_pretrained: str | None
-    image_size: int = 224
-    patch_size: int = 16
-    clip_activation: str = "auto"
-    logit_scale: float = 40.0
-    slide_crop: int = 224
-    slide_stride: int = 112
-    pamr_steps: int = 0
-    pamr_dilations: tuple[int, ...] = (8, 16)
-    prob_threshold: float = 0.0
-    area_threshold: float = 0.0
-    mean: tuple[float, float, float] = OPENAI_MEAN_255
-    std: tuple[float, float, float] = OPENAI_STD_255
-    short_side: int = 336
-    max_long_side: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.slide_crop < 0 or (self.slide_crop > 0 and self.slide_stride < 1):
-            raise UsageError(
-                f"SCLIP sliding window: crop must be >= 0 and stride >= 1, got crop {self.slide_crop}, "
-                f"stride {self.slide_stride}"
-            )
-        if self.pamr_steps < 0:
-            raise UsageError(f"SCLIP pamr_steps must be >= 0, got {self.pamr_steps}")
-        if self.short_side < 1:
-            raise UsageError(f"SCLIP short_side must be >= 1, got {self.short_side}")
-        if not 0.0 <= self.prob_threshold <= 1.0:
-            raise UsageError(f"SCLIP prob_threshold must be in [0, 1], got {self.prob_threshold}")
-        if not 0.0 <= self.area_threshold <= 1.0:
-            raise UsageError(f"SCLIP area_threshold must be in [0, 1], got {self.area_threshold}")
-        if self.max_long_side < 1:
-            raise UsageError(f"SCLIP max_long_side must be >= 1, got {self.max_long_side}")
-
-
-SCLIP_PRESETS: dict[str, SCLIPConfig] = {
-    # Test-only: the 2-layer tiny CLIP (64x64, patch 16), windows of 64 with stride 32.
-    "tiny": SCLIPConfig(
-        clip_model=TINY, clip_pretrained=None, image_size=64, patch_size=16,
-        slide_crop=64, slide_stride=32, short_side=96,
-    ),
-    # SCLIP's default backbone (OpenAI ViT-B/16, QuickGELU).
-    "vit-b16": SCLIPConfig(clip_model="ViT-B-16", clip_pretrained="openai", image_size=224, patch_size=16),
-    "vit-l14-336": SCLIPConfig(
-        clip_model="ViT-L-14-336", clip_pretrained="openai", image_size=336, patch_size=14
-    ),
-}  # fmt: skip
-
-
-def _preset(name: str) -> SCLIPConfig:
-    try:
-        return SCLIP_PRESETS[name]
-    except KeyError:
-        raise UsageError(f"unknown SCLIP preset {name!r}; choose one of {', '.join(SCLIP_PRESETS)}") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# pure helpers
-
-
-def window_grid(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """SCLIP's sliding windows ``(y1, y2, x1, x2)``, row-major.
-
-    ``grids = max(size - crop + stride - 1, 0) // stride + 1`` per axis; window ``i`` starts at
-    ``i * stride``, ends at ``min(start + crop, size)`` and the last one is shifted back inside
-    (``start = max(end - crop, 0)``). Every window has size ``min(crop, H) x min(crop, W)``.
-    """
-    if crop < 1 or stride < 1:
-        raise ValueError(f"crop and stride must be >= 1, got {crop}, {stride}")
-    h_grids = max(height - crop + stride - 1, 0) // stride + 1
-    w_grids = max(width - crop + stride - 1, 0) // stride + 1
-    windows = []
-    for i in range(h_grids):
-        for j in range(w_grids):
-            y2 = min(i * stride + crop, height)
-            x2 = min(j * stride + crop, width)
-            windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    return windows
-
-
-def resize_short_side(height: int, width: int, short_side: int, max_long_side: int = 2048) -> tuple[int, int]:
-    """mmcv ``rescale_size`` with ``scale=(max_long_side, short_side)``, keep ratio: the new ``(h, w)``."""
-    s = min(max_long_side / max(height, width), short_side / min(height, width))
-    return int(height * s + 0.5), int(width * s + 0.5)
-
-
-def split_synonyms(class_lines: Sequence[str]) -> tuple[list[str], list[int]]:
-    """``["sky, wall", "cat"]`` -> queries ``["sky", "wall", "cat"]`` and query->class ``[0, 0, 1]``."""
-    if isinstance(class_lines, str):
-        raise UsageError("class names must be a list of strings, not one string")
-    queries: list[str] = []
-    owner: list[int] = []
-    for index, line in enumerate(class_lines):
-        names = [name.strip() for name in str(line).split(SYNONYM_SEPARATOR)]
-        names = [name for name in names if name]
-        if not names:
-            raise UsageError(f"class {index} of the vocabulary is empty; give every class a name")
-        queries.extend(names)
-        owner.extend([index] * len(names))
-    if not queries:
-        raise UsageError('the vocabulary is empty: pass class names such as ["person", "car"]')
-    return queries, owner
-
-
-def classes_from_option(value: str) -> list[str]:
-    """``--classes`` of `vlexport sclip`: classes separated by ``","``, synonyms of one class by ``"|"``.
-
-    ``"background|sky|wall,cat,dog"`` -> ``["background, sky, wall", "cat", "dog"]``: the class
-    lines a ``--vocab`` file with those lines gives (synonyms joined by :data:`SYNONYM_SEPARATOR`),
-    so each synonym becomes its own query of that class. Names are stripped; empty ones are
-    skipped (as ``parse_vocabulary`` does); a name may appear only once in the whole value.
-    """
-    lines: list[str] = []
-    seen: list[str] = []
-    for item in str(value).split(","):
-        names = [name.strip() for name in item.split(CLASS_OPTION_SYNONYM)]
-        names = [name for name in names if name]
-        if names:
-            lines.append(SYNONYM_SEPARATOR.join(names))
-            seen.extend(names)
-    if not lines:
-        raise UsageError('the vocabulary is empty: pass --classes "sky|clouds,tree,person" (classes separated by ",", '
-                         'synonyms of one class by "|") or --vocab FILE')
-    duplicates = sorted({name for name in seen if seen.count(name) > 1})
-    if duplicates:
-        raise UsageError(f"--classes names {', '.join(map(repr, duplicates))} more than once; list each name once")
-    return lines
-
-
-def _bicubic_matrix(n: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
-    """Weights ``[n, size]`` of PyTorch's 1-D bicubic resize from ``size`` samples to ``n``.
-
-    As ``F.interpolate(mode="bicubic", align_corners=False, scale_factor=(n + 0.1) / size)``
-    (SCLIP's DINO-style factor): source position ``(i + 0.5) * size / (n + 0.1) - 0.5``, Keys
-    kernel with ``A = -0.75``, taps clamped to the border. ``n`` is a (traced) integer tensor, so
-    an exported graph computes the matrix for whatever size it is fed.
-    """
-    dtype, device = like.dtype, like.device
-    a = -0.75
-    real = (torch.arange(n, device=device).to(dtype) + 0.5) * (size / (n.to(dtype) + 0.1)) - 0.5
-    start = torch.floor(real)
-    t = (real - start).clamp(0.0, 1.0)[:, None]
-    u = torch.cat([t + 1.0, t, 1.0 - t, 2.0 - t], dim=1)  # distance to the 4 taps, [n, 4]
-    near = ((a + 2.0) * u - (a + 3.0)) * u * u + 1.0  # |x| <= 1
-    far = ((a * u - 5.0 * a) * u + 8.0 * a) * u - 4.0 * a  # 1 < |x| < 2
-    weights = torch.cat([far[:, :1], near[:, 1:3], far[:, 3:]], dim=1)
-    taps = (start[:, None] + torch.arange(-1, 3, device=device).to(dtype)).clamp(0, size - 1)
-    onehot = (taps[:, :, None] == torch.arange(size, device=device).to(dtype)).to(dtype)  # [n, 4, size]
-    return (weights[:, :, None] * onehot).sum(dim=1)
-
-
-def _templates_id(templates: Sequence[str]) -> str:
-    templates = tuple(templates)
-    if templates == IMAGENET_TEMPLATES:
-        return "imagenet80"
-    if templates == SINGLE_TEMPLATE:
-        return "single"
-    return "file:" + hashlib.sha256("\n".join(templates).encode("utf-8")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
