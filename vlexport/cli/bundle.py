@@ -51,20 +51,10 @@ def build_cmd(bundle: Path, want: str | None, force: bool, max_batch: int) -> No
       vlexport build bundles/yolo-yolov8n            # every precision the bundle has
       vlexport build bundles/yolo-yolov8n --int8
     """
-    from vlexport.runtime.backends.tensorrt import require_tensorrt
-    from vlexport.runtime.bundle import Bundle
-    from vlexport.runtime.backends.tensorrt_build import ensure_engine
-    from vlexport.runtime.engine_cache import engine_precisions
+    from vlexport.runtime.backends.tensorrt_build import build_bundle_engines
 
-    b = Bundle.open(bundle)
-    require_tensorrt()
-    for name in b.part_names:
-        part = b.part(name)
-        for precision in engine_precisions(part.files):
-            if want and precision != want:
-                continue
-            path = ensure_engine(b, name, precision, force=force, batch=(1, 1, max_batch))
-            click.echo(f"{name}/{precision}: {path.name}")
+    for name, precision, path in build_bundle_engines(bundle, want, force=force, max_batch=max_batch):
+        click.echo(f"{name}/{precision}: {path.name}")
 
 
 # --------------------------------------------------------------------------- validate

@@ -64,8 +64,6 @@ def train_kdeov_cmd(data: Path | None, images: Path | None, out: Path, preset: s
     if data is not None:
         from vlexport.models.kdeov.detection_train import DetectionTrainOptions, train_kdeov_on_dataset
 
-        if imgsz is not None and (imgsz < 32 or imgsz % 32):
-            raise UsageError(f"--imgsz must be a multiple of 32 and at least 32, got {imgsz}")
         names = None if classes is None else parse_classes(classes, None)
         options = DetectionTrainOptions(steps=steps or 200, batch_size=batch_size or 16, lr=lr or 5e-4, freeze=freeze,
                                         region_distill_weight=region_distill_weight,
@@ -108,14 +106,10 @@ def train_captioner_cmd(data: Path, out: Path, preset: str, gpt2_weights: str | 
           --tokenizer assets/tokenizers/gpt2 --out cap.pt
     """
     require_export_extra()
-    from vlexport.export.captioner import resolve_tokenizer
-    from vlexport.models.captioner.train import load_caption_data, train_captioner
-    from vlexport.models.captioner.model import build_captioner, save_captioner
+    from vlexport.models.captioner.train import train_captioner_on_data
 
-    tok = resolve_tokenizer(str(tokenizer) if tokenizer else None)[0]
-    samples = load_caption_data(data, limit=limit)
-    model = build_captioner(preset, **({"gpt2_weights": gpt2_weights} if gpt2_weights else {}))
-    losses = train_captioner(model, samples, tok, steps=steps, lr=lr, batch_size=batch_size, use_boxes=not no_boxes)
-    save_captioner(model, out)
+    losses, n_images = train_captioner_on_data(data, out, preset=preset, gpt2_weights=gpt2_weights, tokenizer=tokenizer,
+                                               limit=limit, steps=steps, lr=lr, batch_size=batch_size,
+                                               use_boxes=not no_boxes)
     click.secho(f"checkpoint written: {out}  (loss {losses[0]:.4f} → {losses[-1]:.4f} over {len(losses)} steps, "
-                f"{len(samples)} images)", fg="green")
+                f"{n_images} images)", fg="green")

@@ -157,17 +157,6 @@ def _model(opts: CaptionerExportOptions):
     return build_captioner(opts.preset, **overrides).eval()
 
 
-def resolve_tokenizer(folder: str | None):
-    """The GPT-2 tokenizer and its two files: from ``folder``, else the local Hugging Face cache."""
-    from vlexport.runtime.tokenizer import GPT2Tokenizer, find_tokenizer_files
-
-    if folder is not None:
-        vocab, merges = find_tokenizer_files(folder)
-        return GPT2Tokenizer.from_files(vocab, merges), vocab, merges
-    tok = GPT2Tokenizer.from_hf_cache("gpt2")
-    return tok, *tok.files
-
-
 def _region_classes(opts: CaptionerExportOptions, n: int) -> list[str]:
     from vlexport.models.clip.text import COCO80_CLASSES
 
@@ -187,9 +176,10 @@ def build_plan(opts: CaptionerExportOptions | Options) -> ExportPlan:
     from vlexport.models.captioner.model import CaptionDecoderStep, CaptionEncoderGraph
     from vlexport.models.captioner.gpt2 import empty_cache
     from vlexport.runtime.tasks.caption import clip_preprocess
+    from vlexport.runtime.tokenizer import resolve_gpt2_tokenizer
 
     opts.check()
-    tokenizer, vocab_file, merges_file = resolve_tokenizer(opts.tokenizer)
+    tokenizer, vocab_file, merges_file = resolve_gpt2_tokenizer(opts.tokenizer)
     model = _model(opts)
     gcfg = model.gpt2.config
     if tokenizer.vocab_size != gcfg.vocab_size:

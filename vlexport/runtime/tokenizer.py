@@ -15,7 +15,7 @@ from typing import Any
 
 from vlexport.errors import UsageError, VlexportError
 
-__all__ = ["GPT2Tokenizer", "find_tokenizer_files", "hf_hub_cache", "EOS_TOKEN", "GPT2_VOCAB_SIZE", "FILE_PAIRS"]
+__all__ = ["GPT2Tokenizer", "find_tokenizer_files", "resolve_gpt2_tokenizer", "hf_hub_cache", "EOS_TOKEN", "GPT2_VOCAB_SIZE", "FILE_PAIRS"]
 
 EOS_TOKEN = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
@@ -160,3 +160,13 @@ class GPT2Tokenizer:
 
     def __repr__(self) -> str:
         return f"GPT2Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def resolve_gpt2_tokenizer(folder: str | os.PathLike | None = None) -> tuple[GPT2Tokenizer, Path, Path]:
+    """GPT-2's tokenizer and its two files: from ``folder``, else the local Hugging Face cache's ``gpt2``."""
+    if folder is not None:
+        vocab, merges = find_tokenizer_files(folder)
+        return GPT2Tokenizer.from_files(vocab, merges), vocab, merges
+    tok = GPT2Tokenizer.from_hf_cache("gpt2")
+    return (tok, *tok.files)
+

@@ -208,3 +208,22 @@ def train_captioner(model: torch.nn.Module, samples: list[CaptionSample], tokeni
             bar.close()
         model.eval()
     return losses
+
+
+def train_captioner_on_data(data: str | Path, out: str | Path, *, preset: str = "tiny", gpt2_weights: str | None = None,
+                            tokenizer: str | Path | None = None, limit: int | None = None, steps: int = 300,
+                            lr: float = 1e-3, batch_size: int = 4, use_boxes: bool = True) -> tuple[list[float], int]:
+    """The one call behind ``vlexport train-captioner``: data -> captioner -> checkpoint at ``out``.
+
+    Returns the loss of every step and the number of training images.
+    """
+    from vlexport.models.captioner.model import build_captioner, save_captioner
+    from vlexport.runtime.tokenizer import resolve_gpt2_tokenizer
+
+    tok = resolve_gpt2_tokenizer(str(tokenizer) if tokenizer else None)[0]
+    samples = load_caption_data(data, limit=limit)
+    model = build_captioner(preset, **({"gpt2_weights": gpt2_weights} if gpt2_weights else {}))
+    losses = train_captioner(model, samples, tok, steps=steps, lr=lr, batch_size=batch_size, use_boxes=use_boxes)
+    save_captioner(model, out)
+    return losses, len(samples)
+

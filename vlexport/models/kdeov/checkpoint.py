@@ -99,14 +99,13 @@ def load_kdeov_checkpoint(path: str | Path) -> tuple[KDEOVConfig, dict[str, torc
     Raises:
         CheckpointError: missing, corrupt or not a KDEOV checkpoint.
     """
-    obj = _read_kdeov_checkpoint(path)
-    return obj["config"], dict(obj["state_dict"])
+    record = KDEOVCheckpoint.read(path)
+    return record.config, dict(record.state_dict)
 
 
 def kdeov_checkpoint_extra(path: str | Path) -> dict[str, Any]:
     """The ``extra`` record of a KDEOV checkpoint: vocabulary, text tower identity, training state."""
-    extra = _read_kdeov_checkpoint(path).get("extra") or {}
-    return dict(extra) if isinstance(extra, Mapping) else {}
+    return KDEOVCheckpoint.read(path).extra
 
 
 @dataclass(frozen=True)

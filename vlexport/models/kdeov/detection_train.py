@@ -416,19 +416,22 @@ def train_kdeov_on_dataset(
     """
     from vlexport.data.detection import load_detection_dataset
     from vlexport.models.clip.towers import FrozenCLIPImageEncoder, FrozenCLIPTextEncoder
-    from vlexport.models.kdeov.checkpoint import kdeov_checkpoint_extra
+    from vlexport.models.kdeov.checkpoint import KDEOVCheckpoint
     from vlexport.models.kdeov.config import KDEOV_PRESETS
     from vlexport.models.kdeov.model import build_kdeov
     from vlexport.models.clip.text import TextEmbeddingCache, build_text_embeddings, resolve_templates
 
+    if image_size is not None and (image_size < 32 or image_size % 32):
+        raise UsageError(f"--imgsz must be a multiple of 32 and at least 32, got {image_size}")
     dataset = load_detection_dataset(data, split=split)
     state = None
     if resume is not None:
-        state = kdeov_checkpoint_extra(resume)
+        record = KDEOVCheckpoint.read(resume)  # read once: the training state and the student
+        state = record.extra
         if "train" not in state:
             raise CheckpointError(f"{resume} has no training state to resume (it was not written by train-kdeov --data)")
         classes, templates = state["vocabulary"], state["templates"]
-        model = build_kdeov(checkpoint=resume)
+        model = build_kdeov(checkpoint=record)
         config = model.config
     else:
         if preset not in KDEOV_PRESETS:

@@ -24,7 +24,7 @@ from vlexport.runtime.backends.tensorrt import gpu_name, import_tensorrt
 from vlexport.runtime.bundle import PRECISIONS, Bundle
 from vlexport.runtime.engine_cache import DEFAULT_BATCH, Builder, Device, EngineBuildError, check_range
 
-__all__ = ["build_engine", "current_device", "ensure_engine", "EngineBuildError"]
+__all__ = ["build_bundle_engines", "build_engine", "current_device", "ensure_engine", "EngineBuildError"]
 
 
 def current_device(ordinal: int = 0) -> Device:
@@ -58,6 +58,31 @@ def ensure_engine(
         device=device if device is not None else current_device(),
         force=force, progress=progress, batch=batch, axes=axes,
     )
+
+
+def build_bundle_engines(
+    bundle: Bundle | str | os.PathLike,
+    precision: str | None = None,
+    *,
+    force: bool = False,
+    max_batch: int = 8,
+) -> list[tuple[str, str, Path]]:
+    """``vlexport build``: an engine for every part and precision of the bundle (or ``precision`` only).
+
+    Checks first that TensorRT can run here (a clear DependencyError otherwise); returns
+    ``(part, precision, engine path)`` for each engine, built or found in the cache.
+    """
+    from vlexport.runtime.backends.tensorrt import require_tensorrt
+
+    opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    require_tensorrt()
+    built = []
+    for name in opened.part_names:
+        for prec in engine_cache.engine_precisions(opened.part(name).files):
+            if precision is None or prec == precision:
+                path = ensure_engine(opened, name, prec, force=force, batch=(1, 1, max_batch))
+                built.append((name, prec, path))
+    return built
 
 
 def build_engine(
