@@ -161,7 +161,9 @@ def test_runtime_and_inspect_name_the_refusal(tmp_path, assets):
 
 
 def test_cli_has_strict():
-    from vlexport.cli import _precision, cli
+    from vlexport.cli import cli
+    from vlexport.export.command import precision_from
+    from vlexport.registry import get_family
 
     for family in ("kdeov", "yolo", "sclip", "captioner", "detr", "multiscale"):
         r = CliRunner().invoke(cli, [family, "--help"])
@@ -170,8 +172,7 @@ def test_cli_has_strict():
         for args, strict in (([], False), (["--strict"], True)):
             required = ["--checkpoint", "model.pt"] if family == "yolo" else []
             kw = dict(cli.commands[family].make_context(family, ["--fp16", *required, *args]).params)
-            kw["parity_source"] = kw.pop("val")
-            prec = _precision(kw)
+            prec = precision_from(get_family(family).load("options")(**kw))
             assert prec.strict is strict and prec.fp16 is True, family
 
 

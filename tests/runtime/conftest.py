@@ -252,6 +252,14 @@ def assets() -> Path:
 
 
 @pytest.fixture
+def car_video(assets: Path) -> Path:
+    path = assets / "video" / "car-detection.mp4"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture
 def bus(assets: Path) -> np.ndarray:
     import cv2
 

@@ -31,14 +31,6 @@ def embed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_bundle(tmp_path_factory.mktemp("bundle") / "embed", size=(64, 64), task="embed")
 
 
-@pytest.fixture
-def car_video(assets: Path) -> Path:
-    path = assets / "video" / "car-detection.mp4"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
-
-
 def _frames(path: Path) -> int:
     cap = cv2.VideoCapture(str(path))
     n = 0

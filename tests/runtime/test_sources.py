@@ -126,14 +126,6 @@ def short_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def car_video(assets: Path) -> Path:
-    path = assets / "video" / "car-detection.mp4"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
-
-
 # -- live streams: reconnection --------------------------------------------------------------
 
 

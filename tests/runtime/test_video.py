@@ -27,14 +27,6 @@ def task(tmp_path_factory: pytest.TempPathFactory):
         yield t
 
 
-@pytest.fixture
-def car_video(assets: Path) -> Path:
-    path = assets / "video" / "car-detection.mp4"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
-
-
 def count_frames(path: Path) -> tuple[int, tuple[int, int]]:
     cap = cv2.VideoCapture(str(path))
     assert cap.isOpened(), f"{path} is not a readable video"

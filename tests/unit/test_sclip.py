@@ -17,7 +17,7 @@ from vlexport.errors import UsageError  # noqa: E402
 from vlexport.models.sclip.pamr import PAMR  # noqa: E402
 from vlexport.models.sclip.model import SCLIPSegmenter, csa_attention  # noqa: E402
 from vlexport.models.sclip.vocabulary import split_synonyms  # noqa: E402
-from vlexport.models.sclip.windows import resize_short_side, window_grid  # noqa: E402
+from vlexport.models.sclip.windows import short_side_size as resize_short_side, window_grid  # noqa: E402
 
 SINGLE = ("a photo of a {}.",)
 

@@ -8,13 +8,12 @@ this package imports neither torch nor an export module (they load when a family
 from __future__ import annotations
 
 from vlexport.cli import bundle, export, run, train
-from vlexport.cli.export import _precision
 from vlexport.cli.group import cli
 
 #: Each of these modules adds its commands to `cli` when imported.
 COMMAND_MODULES = (export, train, bundle, run)
 
-__all__ = ["_precision", "cli", "main"]
+__all__ = ["cli", "main"]
 
 
 def main() -> None:

@@ -66,14 +66,3 @@ class FamilyExportCommand(click.Command):
 for _family in families():
     cli.add_command(FamilyExportCommand(_family))
 
-
-def _precision(kw: dict):
-    """The PrecisionOptions of a family command's parsed parameters (``val`` renamed ``parity_source``),
-    popping the precision keys from ``kw``; unchecked (:func:`vlexport.export.command.precision_from` checks)."""
-    import dataclasses
-
-    from vlexport.export.bundle_export import PrecisionOptions
-    from vlexport.export.command import PrecisionFields
-
-    values = {f.name: kw.pop(f.name) for f in dataclasses.fields(PrecisionFields) if f.name != "val"}
-    return PrecisionOptions(val=kw.get("parity_source"), **values)

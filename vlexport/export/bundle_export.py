@@ -20,6 +20,7 @@ import torch
 
 from vlexport.errors import ExportError, UsageError
 from vlexport.export.bundle_writer import BundleWriter
+from vlexport.export.command import PrecisionFields
 from vlexport.export.fp16 import (
     FP16_PROBE_FEEDS,
     FP16_SEARCH_ROUNDS,
@@ -37,25 +38,16 @@ from vlexport.runtime.manifest import CalibrationRecord, Manifest, PartRecord, V
 log = logging.getLogger("vlexport")
 
 
-@dataclass
-class PrecisionOptions:
-    """Which precisions to write, and how INT8 is calibrated and gated."""
+@dataclass(kw_only=True)
+class PrecisionOptions(PrecisionFields):
+    """Which precisions to write, and how INT8 is calibrated and gated: the CLI's precision fields
+    (:class:`~vlexport.export.command.PrecisionFields`: ``val`` is a labelled dataset that, with
+    ``int8``, enables the accuracy gate; ``strict`` fails the export instead of leaving a failing
+    lower precision out) and the search limits the CLI does not expose."""
 
-    fp16: bool = False
-    int8: bool = False
-    calib: str | None = None
-    calib_size: int = 64
-    calib_seed: int = 0
-    calib_method: str = "entropy"
-    int8_target: str = "tensorrt"  # or "cpu": see vlexport.calibration.quantize.INT8_TARGETS
-    val: str | None = None  # labelled dataset: with int8, enables the accuracy gate
-    max_drop: float = 1.0  # points of the task metric INT8 may lose against FP32
     max_gate_rounds: int = 7
     # Rounds of the FP16 search that keeps FP32 islands until FP16 passes its checks (0: no search).
     max_fp16_rounds: int = FP16_SEARCH_ROUNDS
-    # A lower precision that still fails its checks fails the export (nothing written) instead of being
-    # left out of the bundle with the reason in ``validation.refused``. FP32 failing always fails.
-    strict: bool = False
 
     def check(self) -> None:
         from vlexport.calibration.quantize import CALIB_METHODS, INT8_TARGETS

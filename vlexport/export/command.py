@@ -77,20 +77,18 @@ class PrecisionFields:
     calib_size: int = 64
     calib_seed: int = 0
     calib_method: str = "entropy"
-    int8_target: str = "tensorrt"
-    val: str | None = None
-    max_drop: float = 1.0
-    strict: bool = False
+    int8_target: str = "tensorrt"  # or "cpu": see vlexport.calibration.quantize.INT8_TARGETS
+    val: str | None = None  # parity images; a labelled dataset also gates INT8 by the task metric
+    max_drop: float = 1.0  # points of the task metric INT8 may lose against FP32
+    strict: bool = False  # a failing FP16/INT8 fails the export instead of being left out
 
 
 def precision_from(fields: PrecisionFields) -> PrecisionOptions:
     """The checked precision options of a family's ``Options`` (bad values raise UsageError)."""
     from vlexport.export.bundle_export import PrecisionOptions
 
-    precision = PrecisionOptions(fp16=fields.fp16, int8=fields.int8, calib=fields.calib, calib_size=fields.calib_size,
-                                 calib_seed=fields.calib_seed, calib_method=fields.calib_method,
-                                 int8_target=fields.int8_target, val=fields.val, max_drop=fields.max_drop,
-                                 strict=fields.strict)
+    shared = {f.name: getattr(fields, f.name) for f in dataclasses.fields(PrecisionFields)}
+    precision = PrecisionOptions(**shared)
     precision.check()
     return precision
 

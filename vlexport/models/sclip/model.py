@@ -38,7 +38,7 @@ from vlexport.models.clip.weights import LoadedCLIP, load_clip_model
 from vlexport.models.sclip.config import SCLIPConfig, _preset
 from vlexport.models.sclip.pamr import PAMR
 from vlexport.models.sclip.vocabulary import _templates_id, split_synonyms
-from vlexport.models.sclip.windows import _bicubic_matrix, resize_short_side, window_grid
+from vlexport.models.sclip.windows import _bicubic_matrix, short_side_size, window_grid
 from vlexport.models.clip.text import (
     IMAGENET_TEMPLATES,
     TextEmbeddingCache,
@@ -382,7 +382,7 @@ class SCLIPSegmenter(nn.Module):
             import cv2
 
             height, width = image.shape[:2]
-            new_h, new_w = resize_short_side(height, width, cfg.short_side, cfg.max_long_side)
+            new_h, new_w = short_side_size(height, width, cfg.short_side, cfg.max_long_side)
             resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
             x = torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1])).permute(2, 0, 1)[None].float()
         elif isinstance(image, torch.Tensor):
@@ -390,7 +390,7 @@ class SCLIPSegmenter(nn.Module):
             if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
                 raise UsageError(f"expected an RGB tensor [3, H, W] or [1, 3, H, W], got {tuple(image.shape)}")
             height, width = int(x.shape[-2]), int(x.shape[-1])
-            new_h, new_w = resize_short_side(height, width, cfg.short_side, cfg.max_long_side)
+            new_h, new_w = short_side_size(height, width, cfg.short_side, cfg.max_long_side)
             x = F.interpolate(x.float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
         else:
             raise UsageError(f"expected a numpy BGR image or an RGB tensor, got {type(image).__name__}")

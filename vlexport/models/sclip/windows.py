@@ -1,36 +1,13 @@
-"""SCLIP's sliding-window geometry: the window grid, the short-side resize and a traceable bicubic resize."""
+"""SCLIP's sliding-window geometry for the PyTorch model: a traceable bicubic resize, and the window grid
+and short-side size of the runtime (one definition, so the reference and the runtime cut the same windows)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["window_grid", "resize_short_side"]
+from vlexport.runtime.tasks.segment import short_side_size, window_grid
 
-
-def window_grid(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """SCLIP's sliding windows ``(y1, y2, x1, x2)``, row-major.
-
-    ``grids = max(size - crop + stride - 1, 0) // stride + 1`` per axis; window ``i`` starts at
-    ``i * stride``, ends at ``min(start + crop, size)`` and the last one is shifted back inside
-    (``start = max(end - crop, 0)``). Every window has size ``min(crop, H) x min(crop, W)``.
-    """
-    if crop < 1 or stride < 1:
-        raise ValueError(f"crop and stride must be >= 1, got {crop}, {stride}")
-    h_grids = max(height - crop + stride - 1, 0) // stride + 1
-    w_grids = max(width - crop + stride - 1, 0) // stride + 1
-    windows = []
-    for i in range(h_grids):
-        for j in range(w_grids):
-            y2 = min(i * stride + crop, height)
-            x2 = min(j * stride + crop, width)
-            windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    return windows
-
-
-def resize_short_side(height: int, width: int, short_side: int, max_long_side: int = 2048) -> tuple[int, int]:
-    """mmcv ``rescale_size`` with ``scale=(max_long_side, short_side)``, keep ratio: the new ``(h, w)``."""
-    s = min(max_long_side / max(height, width), short_side / min(height, width))
-    return int(height * s + 0.5), int(width * s + 0.5)
+__all__ = ["window_grid", "short_side_size"]
 
 
 def _bicubic_matrix(n: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:

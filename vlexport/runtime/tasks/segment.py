@@ -57,7 +57,7 @@ from vlexport.runtime.results import FrameStamp
 from vlexport.runtime.segmentation import Segmentation
 from vlexport.runtime.tasks.base import PartTask, now_ms
 
-__all__ = ["SegmentTask", "window_grid", "stitch", "resize_short_side", "labels_from_logits",
+__all__ = ["SegmentTask", "window_grid", "stitch", "resize_short_side", "short_side_size", "labels_from_logits",
            "probabilities_from_logits", "labels_from_probabilities"]
 
 CROPS_INPUT = "crops"
@@ -67,16 +67,12 @@ _CHUNK_BYTES = 64 << 20  # at most this much float32 per channel chunk of the fu
 
 
 # -- pure helpers ---------------------------------------------------------------------------
-def resize_short_side(bgr: np.ndarray, short: int, max_long: int | None = None) -> np.ndarray:
-    """Resize ``bgr`` (aspect ratio kept, OpenCV bilinear) so that its short side is ``short``,
-    unless its long side would then exceed ``max_long`` (mmcv ``rescale_size``, SCLIP's
-    ``Resize(scale=(2048, 336), keep_ratio=True)``).
+def short_side_size(h: int, w: int, short: int, max_long: int | None = None) -> tuple[int, int]:
+    """The ``(new_h, new_w)`` of mmcv's ``rescale_size`` with ``scale=(max_long, short)``, keep ratio.
 
-    The new size is ``(int(w*s + 0.5), int(h*s + 0.5))`` with
-    ``s = min(max_long / max(h, w), short / min(h, w))`` (``max_long=None``: no cap); an image
-    already of that size is returned as is.
+    ``s = min(max_long / max(h, w), short / min(h, w))`` (``max_long=None``: no cap), each side
+    ``int(side * s + 0.5)`` and at least 1. The PyTorch reference and the runtime both size by this.
     """
-    h, w = int(bgr.shape[0]), int(bgr.shape[1])
     if short < 1:
         raise ValueError(f"resize_short_side: short must be a positive integer, got {short!r}")
     if max_long is not None and max_long < 1:
@@ -84,7 +80,14 @@ def resize_short_side(bgr: np.ndarray, short: int, max_long: int | None = None) 
     s = float(short) / min(h, w)
     if max_long is not None:
         s = min(float(max_long) / max(h, w), s)
-    new_w, new_h = max(int(w * s + 0.5), 1), max(int(h * s + 0.5), 1)
+    return max(int(h * s + 0.5), 1), max(int(w * s + 0.5), 1)
+
+
+def resize_short_side(bgr: np.ndarray, short: int, max_long: int | None = None) -> np.ndarray:
+    """Resize ``bgr`` (aspect ratio kept, OpenCV bilinear) to :func:`short_side_size` (SCLIP's
+    ``Resize(scale=(2048, 336), keep_ratio=True)``); an image already of that size is returned as is."""
+    h, w = int(bgr.shape[0]), int(bgr.shape[1])
+    new_h, new_w = short_side_size(h, w, short, max_long)
     if (new_w, new_h) == (w, h):
         return bgr
     return cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
