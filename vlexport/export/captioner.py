@@ -22,6 +22,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.command import (PRECISION_OPTIONS, FamilyCommand, PrecisionFields, clip_activation_option,
                                      default_out, own_fields, precision_from)
+from vlexport.runtime.bundle import Bundle
 from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -374,7 +375,7 @@ def export_captioner(opts: CaptionerExportOptions) -> ExportReport:
 
 
 # -- eager rebuild (vlexport bench) -----------------------------------------------------------
-def eager_parts(bundle: Any) -> dict[str, torch.nn.Module]:
+def eager_parts(bundle: Bundle) -> dict[str, torch.nn.Module]:
     """The ``encoder`` and ``decoder`` parts of an opened captioner bundle as eval-mode eager modules.
 
     Random CLIP and GPT-2 weights (the same latency), shaped by the manifest's configs.

@@ -35,6 +35,7 @@ from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOpt
 from vlexport.export.command import PRECISION_OPTIONS, FamilyCommand, PrecisionFields, default_out, own_fields, precision_from
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.runtime.detr_preprocess import IMAGENET_MEAN, IMAGENET_STD, detr_preprocess
+from vlexport.runtime.bundle import Bundle
 from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -520,7 +521,7 @@ def export_detr(opts: DETRExportOptions) -> ExportReport:
 
 
 # -- eager rebuild (vlexport bench) -----------------------------------------------------------
-def eager_parts(bundle: Any) -> dict[str, nn.Module]:
+def eager_parts(bundle: Bundle) -> dict[str, nn.Module]:
     """The ``detector`` part (with the official post-process) of an opened DETR bundle, eval mode."""
     from vlexport.export.eager import config_from_manifest
     from vlexport.models.detr.model import DETRConfig, build_detr

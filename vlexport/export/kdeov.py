@@ -29,7 +29,7 @@ from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch, yolo_preprocess
 from vlexport.models.kdeov.checkpoint import KDEOVCheckpoint
 from vlexport.models.kdeov.heads import best_folded_similarity
-from vlexport.runtime.bundle import sha256_file
+from vlexport.runtime.bundle import Bundle, sha256_file
 from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -538,7 +538,7 @@ def export_kdeov(opts: KDEOVExportOptions) -> ExportReport:
 
 
 # -- eager rebuild (vlexport bench) -----------------------------------------------------------
-def eager_parts(bundle: Any) -> dict[str, nn.Module]:
+def eager_parts(bundle: Bundle) -> dict[str, nn.Module]:
     """The ``detector`` part of an opened KDEOV bundle as an eval-mode eager module, random weights.
 
     The vocabulary is the bundle's (baked or fed as an input, as exported). Raises

@@ -37,7 +37,7 @@ from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOpt
 from vlexport.export.command import PRECISION_OPTIONS, FamilyCommand, PrecisionFields, default_out, own_fields, precision_from
 from vlexport.export.provenance import checkpoint_provenance
 from vlexport.export.samples import parity_batch
-from vlexport.runtime.bundle import sha256_file
+from vlexport.runtime.bundle import Bundle, sha256_file
 from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -339,7 +339,7 @@ def export_multiscale(opts: MultiScaleExportOptions) -> ExportReport:
 
 
 # -- eager rebuild (vlexport bench) -----------------------------------------------------------
-def eager_parts(bundle: Any) -> dict[str, torch.nn.Module]:
+def eager_parts(bundle: Bundle) -> dict[str, torch.nn.Module]:
     """The ``segmenter`` part of an opened multi-scale bundle as an eval-mode eager module."""
     from vlexport.export.eager import manifest_model_config
     from vlexport.models.multiscale.model import MULTISCALE_PRESETS, build_multiscale

@@ -24,6 +24,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.command import (PRECISION_OPTIONS, FamilyCommand, PrecisionFields, clip_activation_option,
                                      default_out, own_fields, precision_from)
+from vlexport.runtime.bundle import Bundle
 from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -285,7 +286,7 @@ def export_sclip(opts: SCLIPExportOptions) -> ExportReport:
 
 
 # -- eager rebuild (vlexport bench) -----------------------------------------------------------
-def eager_parts(bundle: Any) -> dict[str, torch.nn.Module]:
+def eager_parts(bundle: Bundle) -> dict[str, torch.nn.Module]:
     """The ``segmenter`` part (crops -> logits) of an opened SCLIP bundle as an eval-mode eager module.
 
     Random CLIP weights (the same latency) with the activation the bundle was exported with, and

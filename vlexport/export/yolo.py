@@ -20,7 +20,7 @@ from vlexport.export.part import OutputTolerance, Part
 from vlexport.export.bundle_export import ExportPlan, ExportReport, PrecisionOptions, write_bundle
 from vlexport.export.command import PRECISION_OPTIONS, FamilyCommand, PrecisionFields, default_out, own_fields, precision_from
 from vlexport.export.samples import parity_batch, yolo_preprocess
-from vlexport.runtime.bundle import sha256_file
+from vlexport.runtime.bundle import Bundle, sha256_file
 from vlexport.runtime.spec import PartSignature, TensorSpec
 
 log = logging.getLogger("vlexport")
@@ -219,7 +219,7 @@ def export_yolo(opts: YoloExportOptions) -> ExportReport:
 
 
 # -- eager rebuild (vlexport bench) -----------------------------------------------------------
-def eager_parts(bundle: Any) -> dict[str, nn.Module]:
+def eager_parts(bundle: Bundle) -> dict[str, nn.Module]:
     """The ``detector`` part of an opened YOLO bundle as an eval-mode eager module.
 
     A head with another class count than the architecture's own needs the checkpoint it was
