@@ -1,0 +1,1 @@
+"""INT8: QDQ quantisation with calibrated activations, weight-only quantisation, the accuracy gate."""

@@ -1,1 +1,1 @@
-"""evaluation."""
+"""Task metrics of a bundle: COCO mAP (pycocotools), mIoU, and `vlexport validate`."""

@@ -1,0 +1,1 @@
+"""PyTorch definitions, losses, training and checkpoint loading: one package per family, plus common/ and clip/."""

@@ -1,1 +1,1 @@
-"""common."""
+"""Pieces several families share: backbones, box operations, Hungarian matching, losses, HF cache lookup."""

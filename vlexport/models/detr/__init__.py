@@ -1,1 +1,1 @@
-"""detr."""
+"""The DETR family: model, transformer, set criterion and official-checkpoint loading."""

@@ -1,1 +1,1 @@
-"""kdeov."""
+"""The KDEOV family: CLIP-distilled YOLO student, its heads, checkpoints and both training paths."""

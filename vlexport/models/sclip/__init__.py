@@ -1,1 +1,1 @@
-"""sclip."""
+"""The SCLIP family: dense CLIP segmentation with cross-layer self-attention, sliding windows, PAMR."""
