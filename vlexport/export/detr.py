@@ -378,7 +378,7 @@ def build_plan(opts: DETRExportOptions | Options) -> ExportPlan:
         return DetrSamples.from_frames([crop], opts.size, opts.max_size)
 
     for note in notes:
-        log.warning("!!! %s", note)
+        log.warning("%s" if note.startswith("!!!") else "!!! %s", note)
     return ExportPlan(
         family="detr", task="detect", preset=preset, parts=[part],
         parity_images=samples,  # type: ignore[arg-type]  # a batch of differently sized frames

@@ -361,7 +361,7 @@ def build_plan(opts: KDEOVExportOptions | Options) -> ExportPlan:
         "trained_vocabulary": trained.get("vocabulary"),
     }
     for note in notes:
-        log.warning("!!! %s", note)
+        log.warning("%s" if note.startswith("!!!") else "!!! %s", note)
     return ExportPlan(
         family="kdeov", task="detect", preset=opts.preset if opts.checkpoint is None else "checkpoint", parts=parts,
         parity_images=images, parity_source=source, preprocess=preprocess,
