@@ -168,8 +168,8 @@ def _ensemble_plan(bundle: Bundle) -> str:
     part = {"DetectTask": "detector", "BinarySegmentTask": "segmenter"}.get(cls)
     resize = bundle.preprocess.get("resize", "letterbox")
     vocab_mode = (bundle.meta.vocabulary or {}).get("mode", "baked")
-    if part is None or resize != "letterbox" or vocab_mode != "baked" or part not in bundle.part_names:
-        why = (f"its vocabulary mode is {vocab_mode!r}" if part and vocab_mode != "baked"
+    if part is None or resize != "letterbox" or vocab_mode == "input" or part not in bundle.part_names:
+        why = ("its vocabulary is an input (--vocab-mode input)" if part and vocab_mode == "input"
                else f"its {cls} runs its parts more than once per frame or without a letterbox")
         raise UsageError(f"{bundle.root}: --layout ensemble serves single-pass letterbox bundles (yolo, kdeov with a "
                          f"baked vocabulary, multiscale), and {why}; serve it with --layout python")
