@@ -112,7 +112,7 @@ def test_a_fixed_batch_of_one_gives_max_batch_size_0_and_full_dims(tmp_path):
     assert tensors(part.input) == [("images", "TYPE_FP32", [1, 3, 640, 640])]
     assert parsed(repo, "fixed").max_batch_size == 0
     assert tensors(parsed(repo, "fixed").input) == [("IMAGE", "TYPE_STRING", [1, 1])]
-    assert tensors(parsed(repo, "fixed_preprocess").output)[-1] == ("GEOMETRY", "TYPE_FP32", [1, 7])
+    assert tensors(parsed(repo, "fixed_preprocess").output)[-1] == ("GEOMETRY", "TYPE_FP64", [1, 7])
 
 
 def test_built_engines_give_a_tensorrt_plan_model(detect_bundle, tmp_path):

@@ -229,7 +229,7 @@ def _ensemble_models(bundle: Bundle, name: str, opts: dict[str, Any]) -> list[Mo
     part_in, part_out = _tensor_defs(io.inputs, batched), _tensor_defs(io.outputs, batched)
     lead = () if batched else (1,)
     image = TensorDef(INPUTS[0].name, INPUTS[0].data_type, lead + INPUTS[0].dims)
-    geometry = TensorDef(GEOMETRY, "TYPE_FP32", lead + (7,))
+    geometry = TensorDef(GEOMETRY, "TYPE_FP64", lead + (7,))
     outputs = [TensorDef(d.name, d.data_type, lead + d.dims) for d in outputs_for(bundle.task)]
     names = {s: f"{name}_{s}" for s in ("preprocess", part, "postprocess")}
     common = dict(max_batch_size=mb, max_queue_delay_us=opts["max_queue_delay_us"],

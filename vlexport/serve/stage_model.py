@@ -38,9 +38,9 @@ IMAGE_INPUT = "images"
 
 
 def encode_geometry(info: Any) -> np.ndarray:
-    """A :class:`~vlexport.runtime.preprocess.LetterboxInfo` as a float32 ``[7]`` row."""
+    """A :class:`~vlexport.runtime.preprocess.LetterboxInfo` as a float64 ``[7]`` row (the scale kept exact)."""
     h, w = info.src_shape
-    return np.array([info.scale, info.pad_x, info.pad_y, h, w, *info.resized], np.float32)
+    return np.array([info.scale, info.pad_x, info.pad_y, h, w, *info.resized], np.float64)
 
 
 def decode_geometry(row: np.ndarray) -> Any:
