@@ -89,3 +89,20 @@ def test_bad_task_and_missing_output_are_usage_errors():
         c.result_from_outputs("detect", {"SCORES": np.zeros((1, 0), np.float32)})
     with pytest.raises(UsageError, match="no batch row 2"):
         c.result_from_outputs("caption", {"CAPTION": np.array([[b"x"]], object)}, index=2)
+
+
+def test_the_serve_package_is_torch_free(detect_bundle, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import vlexport.serve.contract, vlexport.serve.python_model, vlexport.serve.stage_model\n"
+        "from vlexport.serve import write_repository\n"
+        f"write_repository([{str(detect_bundle)!r}], {str(tmp_path / 'repo')!r})\n"
+        "bad = [m for m in ('torch', 'vlexport.export', 'vlexport.models') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)

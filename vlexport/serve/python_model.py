@@ -124,8 +124,8 @@ def run_requests(task: Any, kind: str, inputs: Sequence[tuple[np.ndarray | None,
     if flat:
         try:
             results = run_frames(task, kind, flat)
-        except (VlexportError, ValueError):
-            results = None  # one request at fault: find it below
+        except Exception:  # noqa: BLE001 - one request at fault: find it below, one by one
+            results = None
     answers: list[dict[str, np.ndarray] | str] = []
     pos = 0
     for f in frames:
@@ -139,8 +139,9 @@ def run_requests(task: Any, kind: str, inputs: Sequence[tuple[np.ndarray | None,
             else:
                 mine = run_frames(task, kind, f)
             answers.append(outputs_from_results(kind, mine))
-        except (VlexportError, ValueError) as e:
-            answers.append(_one_line(e))
+        except Exception as e:  # noqa: BLE001 - this request's error response; the model keeps serving
+            answers.append(_one_line(e) if isinstance(e, (VlexportError, ValueError))
+                           else f"{type(e).__name__}: {_one_line(e)}")
     return answers
 
 

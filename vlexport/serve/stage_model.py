@@ -151,6 +151,7 @@ class TritonPythonModel:
                     geometry = arrays.pop(GEOMETRY)
                     out = self.stages.postprocess(arrays, geometry)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
-            except (VlexportError, ValueError, KeyError) as e:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
+            except Exception as e:  # noqa: BLE001 - this request's error response; the model keeps serving
+                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
         return responses
