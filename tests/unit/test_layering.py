@@ -23,7 +23,8 @@ ALLOWED = {
     "calibration": {"data", "evaluation", "runtime"},
     "export": {"calibration", "data", "evaluation", "models", "registry", "runtime"},
     "bench": {"export", "registry", "runtime"},
-    "cli": {"bench", "calibration", "data", "evaluation", "export", "models", "registry", "runtime"},
+    "serve": {"registry", "runtime"},  # torch-free: the server's models run the runtime
+    "cli": {"bench", "calibration", "data", "evaluation", "export", "models", "registry", "runtime", "serve"},
 }
 
 
