@@ -1,0 +1,1 @@
+"""Serving bundles with NVIDIA Triton Inference Server: the model repository, the server, the client."""
