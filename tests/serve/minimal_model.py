@@ -44,8 +44,12 @@ class TritonPythonModel:
         if enc is not None and raw is not None:
             raise ValueError("give IMAGE or IMAGE_BGR, not both")
         if raw is not None:
-            arr = raw.as_numpy()
-            return [np.ascontiguousarray(a) for a in arr]
+            from vlexport.runtime.preprocess import check_image
+
+            out = [np.ascontiguousarray(a) for a in raw.as_numpy()]
+            for i, img in enumerate(out):
+                check_image(img, what=f"IMAGE_BGR {i}")
+            return out
         out = []
         for i, blob in enumerate(enc.as_numpy().reshape(-1)):
             data = np.frombuffer(bytes(blob), np.uint8)
@@ -70,16 +74,28 @@ class TritonPythonModel:
         return [pb_utils.Tensor(k, v) for k, v in arrays.items()]
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        # Decode every request first; the good ones' images run as one batch (one graph run when
+        # the model takes batches), then each request gets its own rows back.
+        errors, images, spans = {}, [], {}
+        for i, request in enumerate(requests):
             try:
-                images = self._images(request)
-                run = getattr(self.task, self.task_name)
-                results = [run(img) for img in images]
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._outputs(results)))
+                imgs = self._images(request)
+                spans[i] = (len(images), len(images) + len(imgs))
+                images += imgs
             except Exception as e:  # one bad request gets an error; the model keeps serving
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{type(e).__name__}: {e}")))
+                errors[i] = f"{type(e).__name__}: {e}"
+        results = []
+        if images:
+            batch = getattr(self.task, self.task_name + "_batch", None)
+            run = getattr(self.task, self.task_name)
+            results = batch(images) if batch is not None else [run(img) for img in images]
+        responses = []
+        for i in range(len(requests)):
+            if i in errors:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(errors[i])))
+            else:
+                a, b = spans[i]
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._outputs(results[a:b])))
         return responses
 
     def finalize(self):

@@ -4,8 +4,8 @@
     dets = task.detect(bgr)                              # the runtime's own Detections
     task.timings                                         # {"preprocess", "network", "postprocess"} ms
 
-It offers ``detect`` / ``segment`` / ``caption`` like the runtime's tasks (whichever the served
-model does), so the same :class:`~vlexport.runtime.pipeline.Pipeline`, sinks and statistics
+It offers ``detect``, ``segment`` or ``caption`` like the runtime's tasks (the one the served
+model does, and only that one), so the same :class:`~vlexport.runtime.pipeline.Pipeline`, sinks and statistics
 work with it. Frames go as raw BGR (``IMAGE_BGR``, exact: the server sees the very pixels) or
 JPEG-encoded (``IMAGE``, smaller on a real network; lossy). Needs ``tritonclient`` (the
 ``serve`` extra).
@@ -210,8 +210,6 @@ class RemoteTask:
         return {n: result.as_numpy(n) for n in names}
 
     def _run(self, kind: str, bgr: np.ndarray, stamp: Any) -> Any:
-        if kind != self.task_name:
-            raise UsageError(f"model {self.model!r} is a {self.task_name} model, not {kind}")
         t0 = time.perf_counter()
         name, arr, dtype = self._encode(bgr)
         t1 = time.perf_counter()
@@ -224,17 +222,18 @@ class RemoteTask:
                         "postprocess": (t3 - t2) * 1e3}
         return result
 
-    def detect(self, bgr: np.ndarray, stamp: Any = None) -> Any:
-        """Detections of one BGR uint8 frame, from the server (boxes in the frame's pixels)."""
-        return self._run("detect", bgr, stamp)
+    def __getattr__(self, name: str) -> Any:
+        # Only the served model's own method exists (detect, segment or caption), as on a runtime
+        # task: the pipeline finds a task's role from the method it has.
+        if name in TASK_OUTPUT_NAMES and name == self.__dict__.get("task_name"):
+            def run(bgr: np.ndarray, stamp: Any = None) -> Any:
+                return self._run(name, bgr, stamp)
 
-    def segment(self, bgr: np.ndarray, stamp: Any = None) -> Any:
-        """The label map of one BGR uint8 frame, from the server."""
-        return self._run("segment", bgr, stamp)
-
-    def caption(self, bgr: np.ndarray, stamp: Any = None) -> Any:
-        """The caption of one BGR uint8 frame, from the server."""
-        return self._run("caption", bgr, stamp)
+            run.__doc__ = f"The {name} result of one BGR uint8 frame, from the server."
+            return run
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}"
+                             + (f" (model {self.__dict__.get('model')!r} is a {self.__dict__.get('task_name')} "
+                                "model)" if name in TASK_OUTPUT_NAMES else ""))
 
     def statistics(self) -> dict[str, Any]:
         """The server's inference statistics of this model (Triton's statistics extension), as JSON."""
