@@ -128,11 +128,14 @@ parameters {{ key: "vlexport_task" value {{ string_value: "{task}" }} }}
 
 
 def write_repo(bundles: dict[str, Path], out: Path, **options) -> Path:
-    """The project's writer when it is there, else the minimal model's."""
-    try:
-        from vlexport.serve.repository import write_repository
-    except ImportError:
+    """The project's writer (vlexport.serve.repository) when it is there, else the minimal model's."""
+    import importlib.util
+
+    # Looked up by name: the writer comes from a branch of its own; until it is merged the minimal
+    # model stands in (same contract).
+    if importlib.util.find_spec("vlexport.serve.repository") is None:
         return write_minimal_repository(bundles, out, **options)
+    write_repository = importlib.import_module("vlexport.serve.repository").write_repository
     write_repository(list(bundles.values()), out, layout="python", names=list(bundles), **options)
     return out
 
