@@ -111,3 +111,41 @@ def test_dynamic_batching_forms_batches(server, photos):
 def _batch_sizes(stats: dict) -> dict[int, int]:
     model = stats["model_stats"][0]
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in model.get("batch_stats", [])}
+
+
+def test_a_model_that_fails_to_load_is_a_clear_error_and_nothing_is_left(server_env, tmp_path):
+    from conftest import _alive
+    from vlexport.serve.server import ServerError, TritonServer, shm_regions
+
+    model = tmp_path / "repo" / "broken"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
+                                        'input [{ name: "X" data_type: TYPE_FP32 dims: [1] }]\n'
+                                        'output [{ name: "Y" data_type: TYPE_FP32 dims: [1] }]\n')
+    (model / "1" / "model.py").write_text("class TritonPythonModel:\n    def initialize(self, args):\n"
+                                          "        raise RuntimeError('this model refuses to load')\n")
+    before = shm_regions()
+    srv = TritonServer(tmp_path / "repo", env=server_env, log_path=tmp_path / "server.log", ready_timeout=60)
+    with pytest.raises(ServerError) as e:
+        srv.start()
+    msg = str(e.value)
+    assert "\n" not in msg and "failed to load 'broken'" in msg and "this model refuses to load" in msg, msg
+    assert str(tmp_path / "server.log") in msg
+    assert srv.pid is not None and srv.process is None and not _alive(srv.pid)
+    assert not (shm_regions() - before)
+
+
+def test_env_errors_name_the_problem(tmp_path, monkeypatch):
+    import sys
+
+    from vlexport.errors import DependencyError
+    from vlexport.serve import env as env_mod
+
+    log = tmp_path / "install.log"
+    with pytest.raises(DependencyError, match=f"installing X failed \\(exit 3\\); see {log}"):
+        env_mod._run_logged([sys.executable, "-c", "print('pip says no'); raise SystemExit(3)"], log, "installing X")
+    assert "pip says no" in log.read_text()
+    monkeypatch.setenv("VLEXPORT_TRITON_ENV", str(tmp_path / "env"))
+    monkeypatch.setattr(env_mod, "BASE_PYTHON", str(tmp_path / "no-python3.11"))
+    with pytest.raises(DependencyError, match="no-python3.11"):
+        env_mod.ensure_server_env()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,12 +49,22 @@ def shm_regions() -> set[Path]:
     return {p for p in _SHM.iterdir() if p.name.startswith(_SHM_PREFIX)}
 
 
-def _tail(path: Path, lines: int = 25) -> str:
+def _why(path: Path | None) -> str:
+    """What the server log says went wrong, in one line: its model-load failures, else its last error."""
     try:
-        text = path.read_text(errors="replace").splitlines()
+        lines = path.read_text(errors="replace").splitlines() if path is not None else []
     except OSError:
-        return "(no server log)"
-    return "\n".join(text[-lines:])
+        return "no server log"
+    # Triton writes a failure as one line with escaped newlines: keep the first (the message).
+    failures = [m.group(1).split("\\n")[0] for m in map(_FAILED.search, lines) if m]
+    if failures:
+        return "; ".join(dict.fromkeys(failures))
+    errors = [ln for ln in lines if ln.startswith("E") and "Cuda" not in ln and "CUDA" not in ln]
+    errors += [ln for ln in lines if ln.startswith("error:")]
+    return (errors[-1] if errors else (lines[-1] if lines else "the log is empty")).strip()
+
+
+_FAILED = re.compile(r"(failed to load '[^']*' version \S+: .*?)\"?$")
 
 
 class TritonServer:
@@ -90,6 +101,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._shm_before: set[Path] = set()
         self._log_file: Any = None
+        self._pid: int | None = None
 
     # -- addresses ------------------------------------------------------------------------
     @property
@@ -114,7 +126,8 @@ class TritonServer:
 
     @property
     def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
+        """The PID of the server started last (kept after it stopped, to check it is gone)."""
+        return self._pid
 
     # -- lifetime -------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -151,6 +164,7 @@ class TritonServer:
         # A session of its own: Ctrl-C in a terminal reaches us, and we stop the server ourselves.
         self.process = subprocess.Popen(self.command(), stdout=self._log_file, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=self.env.environ(), start_new_session=True)
+        self._pid = self.process.pid
         try:
             self._wait_ready()
         except BaseException:
@@ -165,8 +179,8 @@ class TritonServer:
             assert self.process is not None
             rc = self.process.poll()
             if rc is not None:
-                raise ServerError(f"tritonserver exited with status {rc} before it was ready; "
-                                  f"log {self.log_path}:\n{_tail(self.log_path)}")
+                raise ServerError(f"tritonserver exited with status {rc} before it was ready: "
+                                  f"{_why(self.log_path)} (log: {self.log_path})")
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as r:
                     if r.status == 200:
@@ -174,8 +188,8 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             time.sleep(0.2)
-        raise ServerError(f"tritonserver was not ready after {self.ready_timeout:.0f} s; "
-                          f"log {self.log_path}:\n{_tail(self.log_path)}")
+        raise ServerError(f"tritonserver was not ready after {self.ready_timeout:.0f} s: "
+                          f"{_why(self.log_path)} (log: {self.log_path})")
 
     def models(self) -> list[dict[str, Any]]:
         """The repository index: ``[{"name", "version", "state", "reason"}]`` of every model."""
