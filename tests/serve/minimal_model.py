@@ -53,9 +53,12 @@ class TritonPythonModel:
         out = []
         for i, blob in enumerate(enc.as_numpy().reshape(-1)):
             data = np.frombuffer(bytes(blob), np.uint8)
-            img = self.cv2.imdecode(data, self.cv2.IMREAD_COLOR) if data.size else None
+            if not data.size:
+                raise ValueError(f"IMAGE {i}: the image bytes are empty")
+            img = self.cv2.imdecode(data, self.cv2.IMREAD_COLOR)
             if img is None:
-                raise ValueError(f"IMAGE {i}: not a decodable JPEG/PNG ({data.size} bytes)")
+                raise ValueError(f"IMAGE {i}: {data.size} bytes that OpenCV cannot decode as an image "
+                                 "(corrupt or not a JPEG/PNG)")
             out.append(img)
         return out
 

@@ -156,3 +156,14 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(p.name))
     return out
+
+
+def test_jpeg_encoded_frames_give_nearly_the_same_detections(server, photos):
+    import cv2
+
+    bgr = cv2.imread(str(photos["bus.jpg"]))
+    exact = RemoteTask(server.http_url, YOLO).detect(bgr)
+    jpeg = RemoteTask(server.http_url, YOLO, encoding="jpeg", jpeg_quality=95)
+    dets = jpeg.detect(bgr)
+    assert sorted(dets.labels) == sorted(exact.labels) and "bus" in dets.labels
+    assert jpeg.timings["preprocess"] > 0  # the encoding, on this side

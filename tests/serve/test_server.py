@@ -72,8 +72,8 @@ def test_bad_requests_get_a_clear_error_and_the_server_keeps_serving(server, pho
         "wrong dtype": ({"IMAGE_BGR": (bgr[None].astype(np.float32), "FP32")}, ("IMAGE_BGR", "FP32")),
         "wrong shape": ({"IMAGE_BGR": (np.zeros((1, 8, 8, 4), np.uint8), "UINT8")}, ("IMAGE_BGR", "shape")),
         "corrupt JPEG": ({"IMAGE": (np.array([[b"\xff\xd8\xff\xe0 not a jpeg"]], np.object_), "BYTES")},
-                         ("IMAGE", "decodable")),
-        "empty bytes": ({"IMAGE": (np.array([[b""]], np.object_), "BYTES")}, ("IMAGE", "0 bytes")),
+                         ("IMAGE 0", "cannot decode")),
+        "empty bytes": ({"IMAGE": (np.array([[b""]], np.object_), "BYTES")}, ("IMAGE 0", "empty")),
         "no input": ({}, ("0 inputs",)),  # refused by Triton itself, before the model
     }
     for what, (inputs, needles) in cases.items():

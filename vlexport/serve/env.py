@@ -19,6 +19,7 @@ half-built one (interrupted, failed) is rebuilt from scratch next time.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -240,9 +241,17 @@ def ensure_server_env(*, find_links: Sequence[str] = (), progress: Callable[[str
     # find-links change where wheels come from, not what is installed: one cache key for both.
     env = ServerEnv(env_dir(SERVER_REQUIREMENTS))
     say = progress or (lambda _msg: None)
-    if env.is_ready() and not rebuild:
-        refresh_vlexport(env)
-        return env
+    env.root.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (parallel test workers, two `vlexport serve`): the others wait, then reuse it.
+    with open(env.root.parent / f".{env.root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if env.is_ready() and not rebuild:
+            refresh_vlexport(env)
+            return env
+        return _build(env, links, say)
+
+
+def _build(env: ServerEnv, links: Sequence[str], say: Callable[[str], None]) -> ServerEnv:
     if not sys.platform.startswith("linux"):
         raise DependencyError("the Triton server from nvidia-pytriton runs on Linux x86-64 only")
     if not Path(BASE_PYTHON).is_file():
@@ -250,7 +259,6 @@ def ensure_server_env(*, find_links: Sequence[str] = (), progress: Callable[[str
                               "links); install python3.11 or set VLEXPORT_TRITON_PYTHON")
     t0 = time.monotonic()
     shutil.rmtree(env.root, ignore_errors=True)
-    env.root.parent.mkdir(parents=True, exist_ok=True)
     env.root.mkdir()
     say(f"building the Triton server environment in {env.root} (once; log: {env.log_path})")
     _run_logged([BASE_PYTHON, "-m", "venv", str(env.root)], env.log_path, "creating the virtual environment")
