@@ -47,14 +47,14 @@ def serve_cmd(repo: Path, host: str, http_port: int, grpc_port: int, metrics_por
                           log_path=log_path, env=env, exit_on_error=exit_on_error, ready_timeout=ready_timeout)
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        click.echo(f"starting Triton on {repo} (log: {server.log_path or 'a temp file'})", err=True)
+        click.echo(f"starting Triton on {repo}", err=True)
         server.start()
         for name, address in server.endpoints.items():
             click.echo(f"{name:<8} {address}")
         for m in server.models():
             state = m.get("state", "?") + (f" ({m['reason']})" if m.get("reason") else "")
             click.echo(f"model    {m['name']} v{m.get('version', '?')}: {state}")
-        click.echo("ready; Ctrl-C stops", err=True)
+        click.echo(f"ready (log: {server.log_path}); Ctrl-C stops", err=True)
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
         rc = server.process.returncode if server.process is not None else None

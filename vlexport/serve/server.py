@@ -75,7 +75,7 @@ class TritonServer:
         host: the address HTTP and gRPC bind to (``127.0.0.1``: this machine only).
         http_port, grpc_port: 0 picks a free port.
         metrics_port: None turns metrics off; 0 picks a free port.
-        log_path: the server's stdout and stderr (default: ``server.log`` beside nothing: a temp file).
+        log_path: the file for the server's stdout and stderr (default: a new temp file).
         env: the server environment (built or found by :func:`ensure_server_env` when None).
         exit_on_error: stop when a model fails to load (False: serve the others, e.g. an
             ``onnxruntime_onnx`` model on a machine without that backend).
