@@ -8,11 +8,11 @@ this package imports neither torch nor an export module (they load when a family
 
 from __future__ import annotations
 
-from vlexport.cli import bundle, export, run, serve_repo, train
+from vlexport.cli import bundle, export, run, serve_cmd, serve_repo, train
 from vlexport.cli.group import cli
 
 #: Each of these modules adds its commands to `cli` when imported.
-COMMAND_MODULES = (export, train, bundle, run, serve_repo)
+COMMAND_MODULES = (export, train, bundle, run, serve_repo, serve_cmd)
 
 __all__ = ["cli", "main"]
 

@@ -41,12 +41,20 @@ from vlexport.cli.group import cli
 @click.option("--max-frames", type=click.IntRange(1), help="Stop after this many frames.")
 @click.option("--show", is_flag=True, help="Show the annotated frames in a window (q or Esc stops).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--server", help="A Triton server (vlexport serve) as host:port: run --model there, in the role of its task.")
+@click.option("--model", "server_model", help="The served model's name (with --server).")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
+              help="How to talk to --server (its HTTP or its gRPC port).")
+@click.option("--encoding", type=click.Choice(["bgr", "jpeg", "png"]), default="bgr", show_default=True,
+              help="How frames go to --server: raw BGR (exact), or JPEG/PNG-encoded (less to send).")
 def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segment_bundle: Path | None,
             segment_every: int, caption_bundle: Path | None, caption_every: float, caption_every_frames: int | None,
             save: Path | None, jsonl: Path | None, stats_json: Path | None, precision: str | None,
             backend: str | None, threads: int | None, score_threshold: float | None, iou_threshold: float | None,
             max_detections: int | None, max_length: int | None, track: bool, realtime: bool, no_reconnect: bool,
-            max_frames: int | None, show: bool, no_progress: bool, run_classes: str | None = None) -> None:
+            max_frames: int | None, show: bool, no_progress: bool, run_classes: str | None = None,
+            server: str | None = None, server_model: str | None = None, protocol: str = "http",
+            encoding: str = "bgr") -> None:
     """Run bundles on images, video, cameras or streams; write an annotated video and/or JSONL.
 
     One BUNDLE runs alone (its task decides what it does). Several bundles share one stream at
@@ -62,6 +70,7 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
           --caption bundles/cap --caption-every 2 --source rtsp://camera/stream --save out.mp4
       vlexport run bundles/cap --source photos/ --jsonl captions.jsonl
       vlexport run bundles/kdeov-input --classes "forklift,pallet" --source warehouse.mp4 --save out.mp4
+      vlexport run --server 127.0.0.1:8000 --model yolo --source traffic.mp4 --jsonl out.jsonl
     """
     from vlexport.runtime.run import RunRequest, run_bundles
 
@@ -71,7 +80,8 @@ def run_cmd(bundle: Path | None, source: str, detect_bundle: Path | None, segmen
                          precision=precision, backend=backend, threads=threads, score_threshold=score_threshold,
                          iou_threshold=iou_threshold, max_detections=max_detections, max_length=max_length,
                          classes=run_classes, track=track, realtime=realtime, reconnect=not no_reconnect,
-                         max_frames=max_frames, show=show, progress=not no_progress)
+                         max_frames=max_frames, show=show, progress=not no_progress, server=server,
+                         model=server_model, protocol=protocol, encoding=encoding)
     try:
         stats = run_bundles(request)
     except KeyboardInterrupt as e:  # the outputs are complete; say what was done, then exit 130

@@ -23,7 +23,8 @@ benchmarks compare this with a sequential loop):
 
 Statistics (:class:`~vlexport.runtime.stats.PipelineStats`, in ``stats.py``): frames read,
 processed and dropped, FPS, and p50/p90/p99 latencies of decode, pre-process, inference,
-post-process and end to end (acquisition to the result leaving the output stage).
+post-process, the network round trip of a served model (a remote task's ``network`` timing)
+and end to end (acquisition to the result leaving the output stage).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ __all__ = ["Pipeline", "TaskSlot", "FrameResult", "PipelineStats", "task_kind", 
 #: The task roles of a stream, in the order their slots run.
 ROLES = ("detect", "segment", "caption")
 
-_STAGES = ("decode", "preprocess", "infer", "postprocess", "end_to_end")
+_STAGES = ("decode", "preprocess", "infer", "network", "postprocess", "end_to_end")
 _TASK_STAGES = ("preprocess", "infer", "postprocess")
+#: Stages only some tasks report (a served model's round trip): in the table only when measured.
+_OPTIONAL_STAGES = ("network",)
 _END = object()
 
 
@@ -303,11 +306,15 @@ class Pipeline:
                     if slot.kind == "detect" and self.tracker is not None:
                         result = self.tracker.update(result)
                     results[slot.name] = result
+                    task_ms = getattr(slot.task, "timings", {})
                     for s in _TASK_STAGES:
-                        timing[s] += float(getattr(slot.task, "timings", {}).get(s, 0.0))
+                        timing[s] += float(task_ms.get(s, 0.0))
+                    for s in _OPTIONAL_STAGES:
+                        if s in task_ms:
+                            timing[s] = timing.get(s, 0.0) + float(task_ms[s])
                 if any(slot.inline for slot in self.slots):
-                    for s in _TASK_STAGES:
-                        samples[s].append(timing[s])
+                    for s, ms in timing.items():
+                        samples[s].append(ms)
                 output.put(frame, results, jobs, timing)
                 n += 1
                 if bar is not None:

@@ -10,6 +10,12 @@
 :class:`~vlexport.runtime.pipeline.Pipeline` with the sinks asked for (see :func:`run_tasks`).
 :func:`run_on_source` does the same for task objects that are open already.
 
+A served model takes a role too: ``RunRequest(source=..., server="127.0.0.1:8000", model="yolo")``
+runs the model a Triton server serves (``vlexport serve``) in the role its task names, through the
+same pipeline, sinks and statistics, with the round trip as the ``network`` stage. The remote task
+class is named by reference (:data:`REMOTE_TASK_REF`, imported only then): the runtime does not
+import the serving layer above it.
+
 Ctrl-C: the video and JSONL are closed complete (every frame processed so far), ``stats_json`` is
 written, and the KeyboardInterrupt is re-raised carrying ``.stats``; any other error discards
 the outputs.
@@ -30,7 +36,10 @@ from vlexport.runtime.sinks import AnnotatedSink, JsonlSink, RecordSink, WindowS
 from vlexport.runtime.sources import IMAGE_EXTS, Frame, ImageSource, Source, open_source
 from vlexport.runtime.stats import PipelineStats
 
-__all__ = ["RunRequest", "RunPlan", "run_bundles", "run_tasks", "run_on_source"]
+__all__ = ["RunRequest", "RunPlan", "run_bundles", "run_tasks", "run_on_source", "REMOTE_TASK_REF"]
+
+#: The task class of a served model: ``RemoteTask(url, model, protocol, encoding=...)``.
+REMOTE_TASK_REF = "vlexport.serve.client:RemoteTask"
 
 PathLike = str | os.PathLike
 _DETECT_OPTIONS = ("score_threshold", "iou_threshold", "max_detections")
@@ -57,7 +66,9 @@ class RunRequest:
     comma-separated string) replaces a ``--vocab-mode input`` detection bundle's vocabulary.
     ``save`` (annotated video, or image for one image), ``jsonl`` (a record per frame) and
     ``stats_json`` are the outputs; ``show`` opens a window. ``realtime`` reads a video file as a
-    live source; ``reconnect`` reopens a dropped live stream.
+    live source; ``reconnect`` reopens a dropped live stream. ``server`` (``host:port``) and
+    ``model`` run a model a Triton server serves, in the role of its task, over ``protocol``
+    (``http`` or ``grpc``), frames sent as ``encoding`` (``bgr``: raw, exact; ``jpeg``; ``png``).
     """
 
     source: str | int | os.PathLike
@@ -85,6 +96,10 @@ class RunRequest:
     max_frames: int | None = None
     show: bool = False
     progress: bool = True
+    server: str | None = None
+    model: str | None = None
+    protocol: str = "http"
+    encoding: str = "bgr"
 
     def plan(self) -> RunPlan:
         """Check the request and give each bundle its role; a UsageError (one line) names the first problem.
@@ -109,8 +124,12 @@ class RunRequest:
                 raise UsageError(f"two {main.task} bundles: {self.bundle} and --{main.task} {paths[main.task]}")
             paths[main.task] = Path(self.bundle)
             bundles[main.task] = main
-        if not any(paths.values()):
-            raise UsageError("give a BUNDLE, or --detect/--segment/--caption bundles")
+        if (self.server is None) != (self.model is None):
+            raise UsageError("--server and --model come together: the server's address and the model's name")
+        if self.protocol not in ("http", "grpc"):
+            raise UsageError(f"--protocol must be http or grpc, got {self.protocol!r}")
+        if not any(paths.values()) and self.server is None:
+            raise UsageError("give a BUNDLE, --detect/--segment/--caption bundles, or --server and --model")
         detect_overrides = {k: getattr(self, k) for k in _DETECT_OPTIONS if getattr(self, k) is not None}
         if detect_overrides and paths["detect"] is None:
             raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in detect_overrides)} apply to detection: "
@@ -165,6 +184,8 @@ def run_bundles(request: RunRequest) -> PipelineStats:
         for role, bundle in plan.bundles.items():
             tasks[role] = load(bundle, precision=request.precision, backend=request.backend,
                                threads=request.threads, **plan.overrides[role])
+        if request.server is not None:
+            _add_remote(tasks, request)
         if plan.classes is not None:
             det = tasks["detect"]
             if not callable(getattr(det, "set_vocabulary", None)):
@@ -196,6 +217,21 @@ def run_bundles(request: RunRequest) -> PipelineStats:
             src.close()
         for task in tasks.values():
             task.close()
+
+
+def _add_remote(tasks: dict[str, Any], request: RunRequest) -> None:
+    """Open the served model (reads its config from the server) and give it the role of its task."""
+    from vlexport.registry import load_ref
+
+    remote = load_ref(REMOTE_TASK_REF)(request.server, request.model, request.protocol, encoding=request.encoding)
+    role = task_kind(remote)
+    if role not in ROLES:
+        remote.close()
+        raise UsageError(f"model {request.model!r} is a {role} model; `run` takes detect, segment and caption")
+    if role in tasks:
+        remote.close()
+        raise UsageError(f"two {role} tasks: a bundle and the served model {request.model!r}")
+    tasks[role] = remote
 
 
 def _caption_every_frames(src: Source, every_frames: int | None) -> int | None:
