@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import ASSETS, YOLO, _alive, write_repo
+from serve_helpers import ASSETS, YOLO, _alive, write_repo
 from vlexport.cli import cli
 from vlexport.errors import UsageError
 from vlexport.runtime.run import RunRequest, run_bundles

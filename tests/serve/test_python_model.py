@@ -9,7 +9,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from conftest import decoded
+from serve_helpers import decoded
 
 import vlexport.runtime as vr
 from vlexport.errors import BundleError, UsageError
@@ -26,7 +26,7 @@ def as_image_input(*blobs: bytes) -> np.ndarray:
 def test_decode_real_jpeg_and_png(photos):
     for name, data in photos.items():
         img = decode_image(data)
-        np.testing.assert_array_equal(img, cv2.imread(str(__import__("conftest").ASSETS / "images" / name)))
+        np.testing.assert_array_equal(img, cv2.imread(str(__import__("serve_helpers").ASSETS / "images" / name)))
         assert img.dtype == np.uint8 and img.shape[2] == 3
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_bundle
+from serve_helpers import write_bundle
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 

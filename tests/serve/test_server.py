@@ -13,9 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import DETR, YOLO
+from serve_helpers import DETR, YOLO
 from vlexport.runtime import load
-from vlexport.serve.client import RemoteError, RemoteTask, result_from_outputs
+from vlexport.serve.client import RemoteError, RemoteTask
+from vlexport.serve.contract import result_from_outputs
 
 PROTOCOLS = ("http", "grpc")
 
@@ -114,7 +115,7 @@ def _batch_sizes(stats: dict) -> dict[int, int]:
 
 
 def test_a_model_that_fails_to_load_is_a_clear_error_and_nothing_is_left(server_env, tmp_path):
-    from conftest import _alive
+    from serve_helpers import _alive
     from vlexport.serve.server import ServerError, TritonServer, shm_regions
 
     model = tmp_path / "repo" / "broken"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import decoded
+from serve_helpers import decoded
 
 import vlexport.runtime as vr
 from vlexport.errors import BundleError

@@ -129,7 +129,7 @@ class RunRequest:
         if self.protocol not in ("http", "grpc"):
             raise UsageError(f"--protocol must be http or grpc, got {self.protocol!r}")
         if not any(paths.values()) and self.server is None:
-            raise UsageError("give a BUNDLE, --detect/--segment/--caption bundles, or --server and --model")
+            raise UsageError("give a BUNDLE, or --detect/--segment/--caption bundles, or --server URL --model NAME")
         detect_overrides = {k: getattr(self, k) for k in _DETECT_OPTIONS if getattr(self, k) is not None}
         if detect_overrides and paths["detect"] is None:
             raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in detect_overrides)} apply to detection: "
