@@ -167,3 +167,38 @@ def test_jpeg_encoded_frames_give_nearly_the_same_detections(server, photo_paths
     dets = jpeg.detect(bgr)
     assert sorted(dets.labels) == sorted(exact.labels) and "bus" in dets.labels
     assert jpeg.timings["preprocess"] > 0  # the encoding, on this side
+
+
+def test_a_killed_serve_command_takes_its_server_with_it(server_env, yolo_bundle, tmp_path):
+    """SIGKILL gives `vlexport serve` no chance to stop Triton: the parent-death signal does it."""
+    from vlexport.serve.server import shm_regions
+
+    repo = write_repo({YOLO: yolo_bundle}, tmp_path / "repo")
+    before = shm_regions()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+               VLEXPORT_TRITON_ENV=str(server_env.root))
+    proc = subprocess.Popen([sys.executable, "-c", "from vlexport.cli import main; main()", "serve", str(repo),
+                             "--http-port", "0", "--grpc-port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    server_pids: list[int] = []
+    try:
+        for line in proc.stdout:
+            if line.startswith("model"):
+                break
+        server_pids = _children(proc.pid)
+        assert server_pids, "no tritonserver child process"
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in server_pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in server_pids), "tritonserver outlived the killed `vlexport serve`"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in server_pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for leftover in shm_regions() - before:  # a server stopped by SIGTERM alone may leave its regions
+            leftover.unlink(missing_ok=True)

@@ -67,6 +67,16 @@ def _why(path: Path | None) -> str:
 _FAILED = re.compile(r"(failed to load '[^']*' version \S+: .*?)\"?$")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stop() by PID is the only guard
+        pass
+
+
 class TritonServer:
     """A ``tritonserver`` process serving ``repo`` (see the module doc).
 
@@ -163,7 +173,8 @@ class TritonServer:
         self._log_file = open(self.log_path, "w", encoding="utf-8")
         # A session of its own: Ctrl-C in a terminal reaches us, and we stop the server ourselves.
         self.process = subprocess.Popen(self.command(), stdout=self._log_file, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=self.env.environ(), start_new_session=True)
+                                        stdin=subprocess.DEVNULL, env=self.env.environ(), start_new_session=True,
+                                        preexec_fn=_die_with_parent)
         self._pid = self.process.pid
         try:
             self._wait_ready()
