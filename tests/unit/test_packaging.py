@@ -33,7 +33,7 @@ def test_eval_extra_reaches_test_and_export_and_everything_is_pinned():
             name, version = line.split("==")
             pins[_name(name)] = version
     needed = {_name(r) for r in project["dependencies"]}
-    for group in ("export", "eval", "test", "track"):
+    for group in ("export", "eval", "serve", "test", "track"):
         needed |= {_name(r) for r in extras[group] if not r.startswith("vlexport[")}
     assert sorted(needed - set(pins)) == []
 
