@@ -57,6 +57,7 @@ __all__ = [
     "node_order",
     "exclusion_candidates",
     "quantized_node_names",
+    "decoding_tail",
 ]
 
 log = logging.getLogger("vlexport")
@@ -79,6 +80,14 @@ QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("MaxPool", "AveragePool", "GlobalAver
 # TensorRT cannot take uint8 Q/DQ.
 INT8_TARGETS = ("tensorrt", "cpu")
 CPU_OP_TYPES = QUANTIZABLE_OP_TYPES + ("Sigmoid", "Mul", "Split")
+# Data-movement ops the cpu target also passes int8 through (quantize_static gives their input and
+# output one shared scale, so onnxruntime drops the Q/DQ around them instead of running them in
+# float between a DequantizeLinear and a re-quantising QuantizeLinear; C2f's channel split is a
+# pair of Slice nodes in the exported graph). Not user-selectable: they carry no arithmetic.
+_CPU_PASS_THROUGH = ("Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+# Ops that make a node part of the "body" (what runs before the decoding): a node with one of
+# these downstream is worth running in int8 on the cpu target; the rest (box/score decoding) stays float.
+_BODY_OPS = ("Conv", "ConvTranspose")
 # onnxruntime's entropy defaults (128 bins, 128 quantised bins) leave the KL search a single
 # candidate, the full range: min-max under another name. A signed histogram needs 256 quantised
 # bins for int8; 512 bins lets KL clip a range to no less than half of what was observed. Finer
@@ -333,6 +342,8 @@ def quantize_int8(
     if target == "cpu":
         op_types = CPU_OP_TYPES
         quantize_outputs = True
+    # What quantize_static is asked to quantise: the cpu target adds the data-movement ops.
+    ort_op_types = list(op_types) + ([t for t in _CPU_PASS_THROUGH if t not in op_types] if target == "cpu" else [])
     if method not in CALIB_METHODS:
         raise UsageError(f"unknown calibration method {method!r}; choose one of {list(CALIB_METHODS)}")
     inputs = list(inputs)
@@ -360,6 +371,8 @@ def quantize_int8(
         raise UsageError(f"cannot exclude {missing[:3]} from quantisation: {src.name} has no such node")
     if not out.parent.is_dir():
         raise UsageError(f"output folder not found: {out.parent}")
+    # cpu target: the decoding after the last convolutions stays float (see decoding_tail).
+    decoding = [n for n in decoding_tail(model) if n not in set(exclude)] if target == "cpu" else []
     del model
 
     with tempfile.TemporaryDirectory(prefix=".vlexport-quant-", dir=out.parent) as tmp:
@@ -374,7 +387,7 @@ def quantize_int8(
         else:
             src_for_prep = src
         prepared = _preprocess(src_for_prep, work / "prepared.onnx")
-        cache = _calibrate(prepared, inputs, method, float(percentile), op_types, work, providers)
+        cache = _calibrate(prepared, inputs, method, float(percentile), ort_op_types, work, providers)
         log.info("INT8: inserting Q/DQ (%s, %s)…", method, "per-channel" if per_channel else "per-tensor")
         staged = work / out.name
         with contextlib.redirect_stdout(io.StringIO()):
@@ -384,12 +397,12 @@ def quantize_int8(
                 calibration_data_reader=None,
                 calibration_cache_path=str(cache),
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(op_types),
+                op_types_to_quantize=ort_op_types,
                 per_channel=per_channel,
                 reduce_range=False,
                 activation_type=QuantType.QUInt8 if target == "cpu" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude,
+                nodes_to_exclude=exclude + decoding,
                 calibrate_method=_ORT_METHODS[method],
                 extra_options={
                     "ActivationSymmetric": target != "cpu",  # zero point 0: TensorRT's only convention
@@ -406,7 +419,10 @@ def quantize_int8(
                 },
             )
         quantized = onnx.load(str(staged))
-        if exclude and _restore_float_inputs(quantized, set(exclude)):
+        changed = bool(exclude) and _restore_float_inputs(quantized, set(exclude))
+        if target == "cpu":
+            changed = _drop_round_trips(quantized) > 0 or changed
+        if changed:
             _save(quantized, staged)
         try:
             onnx.checker.check_model(quantized if quantized.ByteSize() < _PROTO_LIMIT else str(staged))
@@ -421,6 +437,90 @@ def quantize_int8(
              out.name, len(done), len(excluded), seconds)
     return QuantizeResult(out, done, excluded, method, seconds, calibration_count=len(inputs),
                           per_channel=per_channel, op_types=list(op_types), target=target)
+
+
+def decoding_tail(model: onnx.ModelProto | str | Path) -> list[str]:
+    """Nodes after the last convolutions: no Conv/ConvTranspose reads what they compute.
+
+    That is a detector's box and score decoding (DFL softmax and its MatMul, the anchor
+    arithmetic, the Concat of box coordinates, the final Sigmoid, ReduceMax/ArgMax). The cpu
+    target keeps it in float: uint8 is too coarse for coordinates in [0, 640] and for scores
+    ranked down to 0.001, and these ops are a sliver of the run time. The last convolutions
+    themselves are not in the list: they still run as QLinearConv. Graph order; unnamed nodes
+    are named as :func:`node_order` names them.
+    """
+    m = model if isinstance(model, onnx.ModelProto) else _load(model, load_weights=False)
+    if not all(n.name for n in m.graph.node):
+        _name_nodes(m)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in m.graph.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    feeds_body: dict[str, bool] = {}
+    # Reverse topological order: a node feeds the body when a consumer is a conv or feeds it.
+    for node in reversed(m.graph.node):
+        feeds_body[node.name] = any(c.op_type in _BODY_OPS or feeds_body.get(c.name, False)
+                                    for t in node.output for c in consumers.get(t, []))
+    return [n.name for n in m.graph.node if not feeds_body[n.name] and n.op_type not in _BODY_OPS]
+
+
+def _drop_round_trips(model: onnx.ModelProto) -> int:
+    """Remove ``DequantizeLinear → QuantizeLinear`` pairs that give back the same integers.
+
+    A QuantizeLinear fed directly by a DequantizeLinear with the same scale, zero point and axis
+    re-creates its input; its consumers read the DequantizeLinear's input instead, and the nodes
+    left unread go. Returns how many QuantizeLinear nodes were bypassed.
+    """
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+
+    def same(a: str, b: str) -> bool:
+        if a == b:
+            return True
+        if a not in inits or b not in inits:
+            return False
+        x, y = onnx.numpy_helper.to_array(inits[a]), onnx.numpy_helper.to_array(inits[b])
+        return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x, y))
+
+    def attrs(n: onnx.NodeProto) -> dict[str, Any]:
+        return {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+
+    rename: dict[str, str] = {}
+    for q in graph.node:
+        dq = producers.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or q.output[0] in outputs:
+            continue
+        if len(q.input) < 3 or len(dq.input) < 3 or attrs(q) != attrs(dq):
+            continue
+        if same(q.input[1], dq.input[1]) and same(q.input[2], dq.input[2]):
+            rename[q.output[0]] = dq.input[0]
+    if not rename:
+        return 0
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    _prune_unused_qdq(graph)
+    return len(rename)
+
+
+def _prune_unused_qdq(graph: onnx.GraphProto) -> None:
+    """Drop the Q/DQ nodes nobody reads any more, and their scales and zero points."""
+    freed: set[str] = set()
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            freed.update(n.input)
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name in freed and i.name not in used]:
+        graph.initializer.remove(init)
 
 
 def _restore_float_inputs(model: onnx.ModelProto, excluded: set[str]) -> bool:
@@ -443,20 +543,7 @@ def _restore_float_inputs(model: onnx.ModelProto, excluded: set[str]) -> bool:
                 node.input[k] = q.input[0]
                 changed = True
     if changed:
-        # Drop the Q/DQ nodes nobody reads any more, and their scales and zero points.
-        freed: set[str] = set()
-        while True:
-            used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-            dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                    and not any(o in used for o in n.output)]
-            if not dead:
-                break
-            for n in dead:
-                freed.update(n.input)
-                graph.node.remove(n)
-        used = {i for n in graph.node for i in n.input}
-        for init in [i for i in graph.initializer if i.name in freed and i.name not in used]:
-            graph.initializer.remove(init)
+        _prune_unused_qdq(graph)
     return changed
 
 
