@@ -1,11 +1,11 @@
 """YOLOv8n INT8 on onnxruntime CPU: latency and held-out mAP, side by side in one run.
 
-    python benchmarks/bench_int8_cpu.py --baseline-int8 OLD.int8.onnx     # with an older cpu-target graph
+    python benchmarks/bench_int8_cpu.py --baseline-int8 "old cpu int8=OLD.int8.onnx"   # with older graphs
     python benchmarks/bench_int8_cpu.py --no-gate --rounds 20
 
 Contenders, timed interleaved (2 intra-op threads, batch 1, bus.jpg):
   * vlexport FP32 and vlexport's ``--int8-target cpu`` INT8 (exported here, 32 calibration images);
-  * optionally ``--baseline-int8``: another INT8 graph of the same FP32 detector (e.g. the cpu
+  * optionally ``--baseline-int8 NAME=PATH`` (repeatable): another INT8 graph of the same FP32 detector (e.g. the cpu
     target's graph before a change, saved from an earlier export);
   * Ultralytics' own ONNX export (``YOLO(weights).export(format="onnx")``), FP32 and after a plain
     ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, default settings otherwise)
@@ -105,7 +105,8 @@ def held_out_map(bundles: dict[str, tuple[Path, str]], assets: Path, calib_size:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline-int8", type=Path, help="another INT8 graph of the same FP32 detector to compare")
+    ap.add_argument("--baseline-int8", action="append", default=[], metavar="NAME=PATH",
+                    help="another INT8 graph of the same FP32 detector to compare (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--calib-size", type=int, default=32)
@@ -137,8 +138,11 @@ def main() -> None:
     ul_fp32, ul_int8 = ultralytics_graphs(assets, work, feeds)
 
     graphs = {"vlexport fp32": bundle / "detector.onnx", "vlexport int8 (cpu target)": bundle / "detector.int8.onnx"}
-    if args.baseline_int8:
-        graphs["baseline int8"] = args.baseline_int8
+    baselines = {}
+    for b in args.baseline_int8:
+        name, _, path = b.partition("=") if "=" in b else ("baseline int8", "", b)
+        baselines[name] = Path(path)
+    graphs.update(baselines)
     graphs["ultralytics fp32"] = ul_fp32
     graphs["ultralytics + quantize_static"] = ul_int8
     x = {"images": pre(cv2.imread(str(assets / "images" / "bus.jpg")))[0]}
@@ -148,8 +152,8 @@ def main() -> None:
 
     print("\nheld-out mAP (COCO128 images calibration did not use)")
     evals = {"vlexport fp32": (bundle, "fp32"), "vlexport int8 (cpu target)": (bundle, "int8")}
-    if args.baseline_int8:
-        evals["baseline int8"] = (bundle_with_int8(bundle, args.baseline_int8, work / "baseline_bundle"), "int8")
+    for k, (name, path) in enumerate(baselines.items()):
+        evals[name] = (bundle_with_int8(bundle, path, work / f"baseline_bundle_{k}"), "int8")
     maps = held_out_map(evals, assets, args.calib_size, args.val_size)
 
     gate = None

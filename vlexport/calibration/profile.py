@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
+import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,8 +117,6 @@ def profile_graph(onnx_path: str | Path, feeds: dict[str, np.ndarray], *, thread
     if threads < 1 or runs < 1:
         raise UsageError(f"threads and runs must be positive, got threads={threads} runs={runs}")
     path = _check_path(onnx_path)
-    import time
-
     plain = ort.InferenceSession(str(path), _session_options(ort, threads), providers=["CPUExecutionProvider"],
                                  disabled_optimizers=list(DISABLED_OPTIMIZERS))
     for _ in range(warmup):
