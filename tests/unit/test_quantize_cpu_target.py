@@ -90,6 +90,29 @@ def test_decoding_tail_is_what_follows_the_last_convolution(yolo_like):
     assert decoding_tail(yolo_like) == ["flatten", "best", "score"]
 
 
+def test_decoding_tail_keeps_weighted_matmuls_in_the_body():
+    """An encoder whose last weighted layers are MatMuls (a transformer's projections) keeps them
+    and everything before them in the body; a MatMul of two activations is not a weighted layer."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("wc", (8, 3, 4, 4)), ("w1", (8, 8)), ("w2", (8, 8)))]
+    nodes = [
+        helper.make_node("Conv", ["images", "wc"], ["patches"], name="embed", strides=[4, 4]),
+        helper.make_node("Flatten", ["patches"], ["tokens"], name="flat", axis=2),
+        helper.make_node("Transpose", ["tokens"], ["t"], name="tr", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "w1"], ["h"], name="proj1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["e"], name="proj2"),
+        helper.make_node("Transpose", ["e"], ["et"], name="tr2", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["e", "et"], ["sim"], name="similarity"),
+        helper.make_node("Softmax", ["sim"], ["out"], name="softmax"),
+    ]
+    graph = helper.make_graph(nodes, "enc", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert decoding_tail(model) == ["tr2", "similarity", "softmax"]
+
+
 def test_cpu_target_writes_no_round_trips_and_keeps_the_decoding_float(cpu_graph):
     model = onnx.load(str(cpu_graph))
     onnx.checker.check_model(model, full_check=True)

@@ -85,9 +85,6 @@ CPU_OP_TYPES = QUANTIZABLE_OP_TYPES + ("Sigmoid", "Mul", "Split")
 # float between a DequantizeLinear and a re-quantising QuantizeLinear; C2f's channel split is a
 # pair of Slice nodes in the exported graph). Not user-selectable: they carry no arithmetic.
 _CPU_PASS_THROUGH = ("Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
-# Ops that make a node part of the "body" (what runs before the decoding): a node with one of
-# these downstream is worth running in int8 on the cpu target; the rest (box/score decoding) stays float.
-_BODY_OPS = ("Conv", "ConvTranspose")
 # onnxruntime's entropy defaults (128 bins, 128 quantised bins) leave the KL search a single
 # candidate, the full range: min-max under another name. A signed histogram needs 256 quantised
 # bins for int8; 512 bins lets KL clip a range to no less than half of what was observed. Finer
@@ -440,13 +437,14 @@ def quantize_int8(
 
 
 def decoding_tail(model: onnx.ModelProto | str | Path) -> list[str]:
-    """Nodes after the last convolutions: no Conv/ConvTranspose reads what they compute.
+    """Nodes after the last weighted layers: no Conv/ConvTranspose/MatMul/Gemm with constant
+    weights reads what they compute.
 
     That is a detector's box and score decoding (DFL softmax and its MatMul, the anchor
     arithmetic, the Concat of box coordinates, the final Sigmoid, ReduceMax/ArgMax). The cpu
     target keeps it in float: uint8 is too coarse for coordinates in [0, 640] and for scores
-    ranked down to 0.001, and these ops are a sliver of the run time. The last convolutions
-    themselves are not in the list: they still run as QLinearConv. Graph order; unnamed nodes
+    ranked down to 0.001, and these ops are a sliver of the run time. The last weighted layers
+    themselves are not in the list: they still run in int8 (QLinearConv). Graph order; unnamed nodes
     are named as :func:`node_order` names them.
     """
     m = model if isinstance(model, onnx.ModelProto) else _load(model, load_weights=False)
@@ -456,12 +454,20 @@ def decoding_tail(model: onnx.ModelProto | str | Path) -> list[str]:
     for node in m.graph.node:
         for t in node.input:
             consumers.setdefault(t, []).append(node)
+    constants = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant"
+                                                         for o in n.output}
+
+    def weighted(node: onnx.NodeProto) -> bool:
+        # A layer with weights: Conv/ConvTranspose/MatMul/Gemm whose second input is a constant
+        # (a transformer's projections count; the DFL's MatMul(constant bins, softmax) does not).
+        return node.op_type in DEFAULT_OP_TYPES and len(node.input) > 1 and node.input[1] in constants
+
     feeds_body: dict[str, bool] = {}
-    # Reverse topological order: a node feeds the body when a consumer is a conv or feeds it.
+    # Reverse topological order: a node feeds the body when a consumer is a weighted layer or feeds one.
     for node in reversed(m.graph.node):
-        feeds_body[node.name] = any(c.op_type in _BODY_OPS or feeds_body.get(c.name, False)
+        feeds_body[node.name] = any(weighted(c) or feeds_body.get(c.name, False)
                                     for t in node.output for c in consumers.get(t, []))
-    return [n.name for n in m.graph.node if not feeds_body[n.name] and n.op_type not in _BODY_OPS]
+    return [n.name for n in m.graph.node if not feeds_body[n.name] and not weighted(n)]
 
 
 def _drop_round_trips(model: onnx.ModelProto) -> int:
