@@ -18,7 +18,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vlexport.calibration.profile import INTEGER_OPS, optimized_op_counts, profile_graph
-from vlexport.calibration.quantize import _drop_round_trips, decoding_tail, quantize_int8
+from vlexport.calibration.qdq_passes import drop_round_trips
+from vlexport.calibration.quantize import decoding_tail, quantize_int8
 from vlexport.errors import SourceError
 
 
@@ -184,7 +185,7 @@ def test_drop_round_trips_removes_only_identity_pairs(tmp_path):
     model.ir_version = 8
     before = tmp_path / "before.onnx"
     onnx.save(model, str(before))
-    assert _drop_round_trips(model) == 1
+    assert drop_round_trips(model) == 1
     names = [n.name for n in model.graph.node]
     assert "q_same" not in names and "q_other" in names and "dq0" in names
     onnx.checker.check_model(model)

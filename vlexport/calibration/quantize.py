@@ -18,6 +18,13 @@ calibration cache. No torch here: numpy, onnx and onnxruntime only.
 
 On x86 CPUs onnxruntime has no fused kernel for symmetric-int8 QDQ convolutions, so such a graph
 is correct but not faster than FP32 there; the speed-up is TensorRT's.
+
+The ``cpu`` target writes what onnxruntime's CPU provider fuses into integer chains instead:
+uint8 activations (U8S8), Q/DQ around every op with an integer kernel (Conv, the SiLU's
+Sigmoid and Mul, Add, Concat) and around the data-movement ops (Slice, Reshape, MaxPool,
+Resize, ...) with one scale on both sides so that onnxruntime drops them, no DQ→Q round trip,
+and the decoding after the last weighted layer left float (:func:`decoding_tail`).
+``benchmarks/profile_int8.py`` shows what each graph became after onnxruntime's optimisations.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
+from vlexport.calibration.qdq_passes import drop_round_trips, restore_float_inputs, tail_after_weighted
 from vlexport.errors import ExportError, SourceError, UsageError
 
 __all__ = [
@@ -368,7 +376,7 @@ def quantize_int8(
         raise UsageError(f"cannot exclude {missing[:3]} from quantisation: {src.name} has no such node")
     if not out.parent.is_dir():
         raise UsageError(f"output folder not found: {out.parent}")
-    # cpu target: the decoding after the last convolutions stays float (see decoding_tail).
+    # cpu target: the decoding after the last weighted layers stays float (see decoding_tail).
     decoding = [n for n in decoding_tail(model) if n not in set(exclude)] if target == "cpu" else []
     del model
 
@@ -416,9 +424,9 @@ def quantize_int8(
                 },
             )
         quantized = onnx.load(str(staged))
-        changed = bool(exclude) and _restore_float_inputs(quantized, set(exclude))
+        changed = bool(exclude) and restore_float_inputs(quantized, set(exclude))
         if target == "cpu":
-            changed = _drop_round_trips(quantized) > 0 or changed
+            changed = drop_round_trips(quantized) > 0 or changed
         if changed:
             _save(quantized, staged)
         try:
@@ -438,119 +446,19 @@ def quantize_int8(
 
 def decoding_tail(model: onnx.ModelProto | str | Path) -> list[str]:
     """Nodes after the last weighted layers: no Conv/ConvTranspose/MatMul/Gemm with constant
-    weights reads what they compute.
+    weights reads what they compute (:func:`vlexport.calibration.qdq_passes.tail_after_weighted`).
 
     That is a detector's box and score decoding (DFL softmax and its MatMul, the anchor
     arithmetic, the Concat of box coordinates, the final Sigmoid, ReduceMax/ArgMax). The cpu
     target keeps it in float: uint8 is too coarse for coordinates in [0, 640] and for scores
     ranked down to 0.001, and these ops are a sliver of the run time. The last weighted layers
-    themselves are not in the list: they still run in int8 (QLinearConv). Graph order; unnamed nodes
-    are named as :func:`node_order` names them.
+    themselves still run in int8 (QLinearConv). Graph order; unnamed nodes are named as
+    :func:`node_order` names them.
     """
     m = model if isinstance(model, onnx.ModelProto) else _load(model, load_weights=False)
     if not all(n.name for n in m.graph.node):
         _name_nodes(m)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in m.graph.node:
-        for t in node.input:
-            consumers.setdefault(t, []).append(node)
-    constants = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant"
-                                                         for o in n.output}
-
-    def weighted(node: onnx.NodeProto) -> bool:
-        # A layer with weights: Conv/ConvTranspose/MatMul/Gemm whose second input is a constant
-        # (a transformer's projections count; the DFL's MatMul(constant bins, softmax) does not).
-        return node.op_type in DEFAULT_OP_TYPES and len(node.input) > 1 and node.input[1] in constants
-
-    feeds_body: dict[str, bool] = {}
-    # Reverse topological order: a node feeds the body when a consumer is a weighted layer or feeds one.
-    for node in reversed(m.graph.node):
-        feeds_body[node.name] = any(weighted(c) or feeds_body.get(c.name, False)
-                                    for t in node.output for c in consumers.get(t, []))
-    return [n.name for n in m.graph.node if not feeds_body[n.name] and not weighted(n)]
-
-
-def _drop_round_trips(model: onnx.ModelProto) -> int:
-    """Remove ``DequantizeLinear → QuantizeLinear`` pairs that give back the same integers.
-
-    A QuantizeLinear fed directly by a DequantizeLinear with the same scale, zero point and axis
-    re-creates its input; its consumers read the DequantizeLinear's input instead, and the nodes
-    left unread go. Returns how many QuantizeLinear nodes were bypassed.
-    """
-    graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    inits = {i.name: i for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
-
-    def same(a: str, b: str) -> bool:
-        if a == b:
-            return True
-        if a not in inits or b not in inits:
-            return False
-        x, y = onnx.numpy_helper.to_array(inits[a]), onnx.numpy_helper.to_array(inits[b])
-        return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x, y))
-
-    def attrs(n: onnx.NodeProto) -> dict[str, Any]:
-        return {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-
-    rename: dict[str, str] = {}
-    for q in graph.node:
-        dq = producers.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
-        if dq is None or dq.op_type != "DequantizeLinear" or q.output[0] in outputs:
-            continue
-        if len(q.input) < 3 or len(dq.input) < 3 or attrs(q) != attrs(dq):
-            continue
-        if same(q.input[1], dq.input[1]) and same(q.input[2], dq.input[2]):
-            rename[q.output[0]] = dq.input[0]
-    if not rename:
-        return 0
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            if name in rename:
-                node.input[k] = rename[name]
-    _prune_unused_qdq(graph)
-    return len(rename)
-
-
-def _prune_unused_qdq(graph: onnx.GraphProto) -> None:
-    """Drop the Q/DQ nodes nobody reads any more, and their scales and zero points."""
-    freed: set[str] = set()
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            freed.update(n.input)
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name in freed and i.name not in used]:
-        graph.initializer.remove(init)
-
-
-def _restore_float_inputs(model: onnx.ModelProto, excluded: set[str]) -> bool:
-    """Feed excluded nodes their float inputs again; returns whether the graph changed.
-
-    onnxruntime puts one Q/DQ pair on a tensor and rewires *every* consumer to the DQ output,
-    so a node excluded from quantisation still read int8-rounded activations when it shares an
-    input with a quantised node. Excluding a node must keep it entirely in float.
-    """
-    graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    changed = False
-    for node in graph.node:
-        if node.name not in excluded:
-            continue
-        for k, name in enumerate(node.input):
-            dq = producers.get(name)
-            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[k] = q.input[0]
-                changed = True
-    if changed:
-        _prune_unused_qdq(graph)
-    return changed
+    return tail_after_weighted(m, DEFAULT_OP_TYPES)
 
 
 def _replace(staged: Path, out: Path) -> None:
