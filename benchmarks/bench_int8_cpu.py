@@ -8,8 +8,8 @@ Contenders, timed interleaved (2 intra-op threads, batch 1, bus.jpg):
   * optionally ``--baseline-int8 NAME=PATH`` (repeatable): another INT8 graph of the same FP32 detector (e.g. the cpu
     target's graph before a change, saved from an earlier export);
   * Ultralytics' own ONNX export (``YOLO(weights).export(format="onnx")``), FP32 and after a plain
-    ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, default settings otherwise)
-    calibrated on the same 32 images.
+    ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, default settings otherwise),
+    and the same with uint8 activations, calibrated on the same 32 images.
 mAP50-95 / mAP50 of vlexport FP32 and INT8 (and the baseline) on --val-size COCO128 images that
 calibration did not use; with the gate (default), the export is repeated with ``--val`` and
 ``--max-drop`` and the rounds it went through are reported. Targets (issue 15): INT8 <= 0.45x
@@ -43,9 +43,10 @@ def export_bundle(out: Path, assets: Path, calib_size: int, val: str | None = No
                                    calib_size=calib_size, val=val, max_drop=max_drop)))
 
 
-def ultralytics_graphs(assets: Path, work: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[Path, Path]:
-    """Ultralytics' ONNX export of the shared weights and a plain quantize_static of it."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+def ultralytics_graphs(assets: Path, work: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[Path, Path, Path]:
+    """Ultralytics' ONNX export of the shared weights and plain quantize_static graphs of it: the
+    default settings (int8 activations) and uint8 activations (onnxruntime's x86 fast path)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     from ultralytics import YOLO
 
@@ -64,7 +65,10 @@ def ultralytics_graphs(assets: Path, work: Path, feeds: list[dict[str, np.ndarra
 
     int8 = work / "ul_quantize_static.onnx"
     quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    return fp32, int8
+    uint8 = work / "ul_quantize_static_u8.onnx"
+    quantize_static(str(prepared), str(uint8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8)
+    return fp32, int8, uint8
 
 
 def bundle_with_int8(src: Path, int8: Path, out: Path) -> Path:
@@ -135,7 +139,7 @@ def main() -> None:
     pre = Preprocessor(Bundle.open(bundle).preprocess)
     calib = calibration_frames(str(assets / "coco128" / "images" / "train2017"), args.calib_size, seed=0)
     feeds = [{"images": pre(f)[0]} for f in calib.frames]
-    ul_fp32, ul_int8 = ultralytics_graphs(assets, work, feeds)
+    ul_fp32, ul_int8, ul_uint8 = ultralytics_graphs(assets, work, feeds)
 
     graphs = {"vlexport fp32": bundle / "detector.onnx", "vlexport int8 (cpu target)": bundle / "detector.int8.onnx"}
     baselines = {}
@@ -145,6 +149,7 @@ def main() -> None:
     graphs.update(baselines)
     graphs["ultralytics fp32"] = ul_fp32
     graphs["ultralytics + quantize_static"] = ul_int8
+    graphs["ultralytics + quantize_static (uint8 act.)"] = ul_uint8
     x = {"images": pre(cv2.imread(str(assets / "images" / "bus.jpg")))[0]}
     backends = {k: OrtBackend(p, providers=["CPUExecutionProvider"], threads=args.threads) for k, p in graphs.items()}
     lat = interleaved_latency({k: (lambda b=b: b.infer(x)) for k, b in backends.items()}, rounds=args.rounds)
