@@ -18,6 +18,13 @@ calibration cache. No torch here: numpy, onnx and onnxruntime only.
 
 On x86 CPUs onnxruntime has no fused kernel for symmetric-int8 QDQ convolutions, so such a graph
 is correct but not faster than FP32 there; the speed-up is TensorRT's.
+
+The ``cpu`` target writes what onnxruntime's CPU provider fuses into integer chains instead:
+uint8 activations (U8S8), Q/DQ around every op with an integer kernel (Conv, the SiLU's
+Sigmoid and Mul, Add, Concat) and around the data-movement ops (Slice, Reshape, MaxPool,
+Resize, ...) with one scale on both sides so that onnxruntime drops them, no DQ→Q round trip,
+and the decoding after the last weighted layer left float (:func:`decoding_tail`).
+``benchmarks/profile_int8.py`` shows what each graph became after onnxruntime's optimisations.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
+from vlexport.calibration.qdq_passes import drop_round_trips, restore_float_inputs, tail_after_weighted
 from vlexport.errors import ExportError, SourceError, UsageError
 
 __all__ = [
@@ -57,6 +65,7 @@ __all__ = [
     "node_order",
     "exclusion_candidates",
     "quantized_node_names",
+    "decoding_tail",
 ]
 
 log = logging.getLogger("vlexport")
@@ -79,6 +88,11 @@ QUANTIZABLE_OP_TYPES = DEFAULT_OP_TYPES + ("MaxPool", "AveragePool", "GlobalAver
 # TensorRT cannot take uint8 Q/DQ.
 INT8_TARGETS = ("tensorrt", "cpu")
 CPU_OP_TYPES = QUANTIZABLE_OP_TYPES + ("Sigmoid", "Mul", "Split")
+# Data-movement ops the cpu target also passes int8 through (quantize_static gives their input and
+# output one shared scale, so onnxruntime drops the Q/DQ around them instead of running them in
+# float between a DequantizeLinear and a re-quantising QuantizeLinear; C2f's channel split is a
+# pair of Slice nodes in the exported graph). Not user-selectable: they carry no arithmetic.
+_CPU_PASS_THROUGH = ("Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 # onnxruntime's entropy defaults (128 bins, 128 quantised bins) leave the KL search a single
 # candidate, the full range: min-max under another name. A signed histogram needs 256 quantised
 # bins for int8; 512 bins lets KL clip a range to no less than half of what was observed. Finer
@@ -333,6 +347,8 @@ def quantize_int8(
     if target == "cpu":
         op_types = CPU_OP_TYPES
         quantize_outputs = True
+    # What quantize_static is asked to quantise: the cpu target adds the data-movement ops.
+    ort_op_types = list(op_types) + ([t for t in _CPU_PASS_THROUGH if t not in op_types] if target == "cpu" else [])
     if method not in CALIB_METHODS:
         raise UsageError(f"unknown calibration method {method!r}; choose one of {list(CALIB_METHODS)}")
     inputs = list(inputs)
@@ -360,6 +376,8 @@ def quantize_int8(
         raise UsageError(f"cannot exclude {missing[:3]} from quantisation: {src.name} has no such node")
     if not out.parent.is_dir():
         raise UsageError(f"output folder not found: {out.parent}")
+    # cpu target: the decoding after the last weighted layers stays float (see decoding_tail).
+    decoding = [n for n in decoding_tail(model) if n not in set(exclude)] if target == "cpu" else []
     del model
 
     with tempfile.TemporaryDirectory(prefix=".vlexport-quant-", dir=out.parent) as tmp:
@@ -374,7 +392,7 @@ def quantize_int8(
         else:
             src_for_prep = src
         prepared = _preprocess(src_for_prep, work / "prepared.onnx")
-        cache = _calibrate(prepared, inputs, method, float(percentile), op_types, work, providers)
+        cache = _calibrate(prepared, inputs, method, float(percentile), ort_op_types, work, providers)
         log.info("INT8: inserting Q/DQ (%s, %s)…", method, "per-channel" if per_channel else "per-tensor")
         staged = work / out.name
         with contextlib.redirect_stdout(io.StringIO()):
@@ -384,12 +402,12 @@ def quantize_int8(
                 calibration_data_reader=None,
                 calibration_cache_path=str(cache),
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(op_types),
+                op_types_to_quantize=ort_op_types,
                 per_channel=per_channel,
                 reduce_range=False,
                 activation_type=QuantType.QUInt8 if target == "cpu" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude,
+                nodes_to_exclude=exclude + decoding,
                 calibrate_method=_ORT_METHODS[method],
                 extra_options={
                     "ActivationSymmetric": target != "cpu",  # zero point 0: TensorRT's only convention
@@ -406,7 +424,10 @@ def quantize_int8(
                 },
             )
         quantized = onnx.load(str(staged))
-        if exclude and _restore_float_inputs(quantized, set(exclude)):
+        changed = bool(exclude) and restore_float_inputs(quantized, set(exclude))
+        if target == "cpu":
+            changed = drop_round_trips(quantized) > 0 or changed
+        if changed:
             _save(quantized, staged)
         try:
             onnx.checker.check_model(quantized if quantized.ByteSize() < _PROTO_LIMIT else str(staged))
@@ -423,41 +444,21 @@ def quantize_int8(
                           per_channel=per_channel, op_types=list(op_types), target=target)
 
 
-def _restore_float_inputs(model: onnx.ModelProto, excluded: set[str]) -> bool:
-    """Feed excluded nodes their float inputs again; returns whether the graph changed.
+def decoding_tail(model: onnx.ModelProto | str | Path) -> list[str]:
+    """Nodes after the last weighted layers: no Conv/ConvTranspose/MatMul/Gemm with constant
+    weights reads what they compute (:func:`vlexport.calibration.qdq_passes.tail_after_weighted`).
 
-    onnxruntime puts one Q/DQ pair on a tensor and rewires *every* consumer to the DQ output,
-    so a node excluded from quantisation still read int8-rounded activations when it shares an
-    input with a quantised node. Excluding a node must keep it entirely in float.
+    That is a detector's box and score decoding (DFL softmax and its MatMul, the anchor
+    arithmetic, the Concat of box coordinates, the final Sigmoid, ReduceMax/ArgMax). The cpu
+    target keeps it in float: uint8 is too coarse for coordinates in [0, 640] and for scores
+    ranked down to 0.001, and these ops are a sliver of the run time. The last weighted layers
+    themselves still run in int8 (QLinearConv). Graph order; unnamed nodes are named as
+    :func:`node_order` names them.
     """
-    graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    changed = False
-    for node in graph.node:
-        if node.name not in excluded:
-            continue
-        for k, name in enumerate(node.input):
-            dq = producers.get(name)
-            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[k] = q.input[0]
-                changed = True
-    if changed:
-        # Drop the Q/DQ nodes nobody reads any more, and their scales and zero points.
-        freed: set[str] = set()
-        while True:
-            used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-            dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                    and not any(o in used for o in n.output)]
-            if not dead:
-                break
-            for n in dead:
-                freed.update(n.input)
-                graph.node.remove(n)
-        used = {i for n in graph.node for i in n.input}
-        for init in [i for i in graph.initializer if i.name in freed and i.name not in used]:
-            graph.initializer.remove(init)
-    return changed
+    m = model if isinstance(model, onnx.ModelProto) else _load(model, load_weights=False)
+    if not all(n.name for n in m.graph.node):
+        _name_nodes(m)
+    return tail_after_weighted(m, DEFAULT_OP_TYPES)
 
 
 def _replace(staged: Path, out: Path) -> None:

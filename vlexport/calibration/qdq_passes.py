@@ -1,0 +1,126 @@
+"""Rewrites of a QDQ graph after ``quantize_static``, and the graph walks the cpu target needs.
+
+Pure onnx graph surgery (no onnxruntime): which nodes follow the last weighted layers, Q/DQ
+round trips that give back the same integers, float inputs for excluded nodes, and the Q/DQ
+nodes left unread afterwards. :mod:`vlexport.calibration.quantize` applies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+__all__ = ["tail_after_weighted", "drop_round_trips", "restore_float_inputs", "prune_unused_qdq"]
+
+
+def tail_after_weighted(m: onnx.ModelProto, weighted_ops: Sequence[str]) -> list[str]:
+    """Names of the nodes no weighted layer reads from, directly or further down, in graph order.
+
+    A weighted layer is a node of ``weighted_ops`` whose second input (the weights) is a constant:
+    ``x @ W`` counts, ``MatMul(constant bins, softmax)`` and ``MatMul(q, k)`` do not. The
+    weighted layers themselves are never in the list. Every node must have a name.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in m.graph.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    constants = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant"
+                                                         for o in n.output}
+
+    def weighted(node: onnx.NodeProto) -> bool:
+        # A layer with weights: Conv/ConvTranspose/MatMul/Gemm whose second input is a constant
+        # (a transformer's projections count; the DFL's MatMul(constant bins, softmax) does not).
+        return node.op_type in weighted_ops and len(node.input) > 1 and node.input[1] in constants
+
+    feeds_body: dict[str, bool] = {}
+    # Reverse topological order: a node feeds the body when a consumer is a weighted layer or feeds one.
+    for node in reversed(m.graph.node):
+        feeds_body[node.name] = any(weighted(c) or feeds_body.get(c.name, False)
+                                    for t in node.output for c in consumers.get(t, []))
+    return [n.name for n in m.graph.node if not feeds_body[n.name] and not weighted(n)]
+
+
+def drop_round_trips(model: onnx.ModelProto) -> int:
+    """Remove ``DequantizeLinear → QuantizeLinear`` pairs that give back the same integers.
+
+    A QuantizeLinear fed directly by a DequantizeLinear with the same scale, zero point and axis
+    re-creates its input; its consumers read the DequantizeLinear's input instead, and the nodes
+    left unread go. Returns how many QuantizeLinear nodes were bypassed.
+    """
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+
+    def same(a: str, b: str) -> bool:
+        if a == b:
+            return True
+        if a not in inits or b not in inits:
+            return False
+        x, y = onnx.numpy_helper.to_array(inits[a]), onnx.numpy_helper.to_array(inits[b])
+        return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x, y))
+
+    def attrs(n: onnx.NodeProto) -> dict[str, Any]:
+        return {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+
+    rename: dict[str, str] = {}
+    for q in graph.node:
+        dq = producers.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or q.output[0] in outputs:
+            continue
+        if len(q.input) < 3 or len(dq.input) < 3 or attrs(q) != attrs(dq):
+            continue
+        if same(q.input[1], dq.input[1]) and same(q.input[2], dq.input[2]):
+            rename[q.output[0]] = dq.input[0]
+    if not rename:
+        return 0
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    prune_unused_qdq(graph)
+    return len(rename)
+
+
+def prune_unused_qdq(graph: onnx.GraphProto) -> None:
+    """Drop the Q/DQ nodes nobody reads any more, and their scales and zero points."""
+    freed: set[str] = set()
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            freed.update(n.input)
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name in freed and i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def restore_float_inputs(model: onnx.ModelProto, excluded: set[str]) -> bool:
+    """Feed excluded nodes their float inputs again; returns whether the graph changed.
+
+    onnxruntime puts one Q/DQ pair on a tensor and rewires *every* consumer to the DQ output,
+    so a node excluded from quantisation still read int8-rounded activations when it shares an
+    input with a quantised node. Excluding a node must keep it entirely in float.
+    """
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    changed = False
+    for node in graph.node:
+        if node.name not in excluded:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producers.get(name)
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+                changed = True
+    if changed:
+        prune_unused_qdq(graph)
+    return changed
