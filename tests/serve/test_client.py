@@ -101,16 +101,21 @@ def test_client_errors_are_one_line(server):
         RunRequest(source=VIDEO, server=server.http_url).plan()
 
 
+def _start_serve(repo: Path, server_env, stderr: int) -> subprocess.Popen:
+    """`vlexport serve REPO` in a subprocess on free ports, with this tree's vlexport and the test server env."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+               VLEXPORT_TRITON_ENV=str(server_env.root))
+    return subprocess.Popen([sys.executable, "-c", "from vlexport.cli import main; main()", "serve", str(repo),
+                             "--http-port", "0", "--grpc-port", "0"], stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, env=env)
+
+
 def test_serve_command_starts_answers_and_stops_on_ctrl_c(server_env, yolo_bundle, tmp_path):
     from vlexport.serve.server import shm_regions
 
     repo = write_repo({YOLO: yolo_bundle}, tmp_path / "repo")
     before = shm_regions()
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
-               VLEXPORT_TRITON_ENV=str(server_env.root))
-    proc = subprocess.Popen([sys.executable, "-c", "from vlexport.cli import main; main()", "serve", str(repo),
-                             "--http-port", "0", "--grpc-port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = _start_serve(repo, server_env, stderr=subprocess.PIPE)
     try:
         lines = []
         deadline = time.monotonic() + 120
@@ -175,11 +180,7 @@ def test_a_killed_serve_command_takes_its_server_with_it(server_env, yolo_bundle
 
     repo = write_repo({YOLO: yolo_bundle}, tmp_path / "repo")
     before = shm_regions()
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
-               VLEXPORT_TRITON_ENV=str(server_env.root))
-    proc = subprocess.Popen([sys.executable, "-c", "from vlexport.cli import main; main()", "serve", str(repo),
-                             "--http-port", "0", "--grpc-port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = _start_serve(repo, server_env, stderr=subprocess.DEVNULL)
     server_pids: list[int] = []
     try:
         for line in proc.stdout:
