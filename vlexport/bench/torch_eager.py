@@ -31,12 +31,13 @@ _NOTE = "eager, random weights (latency only)"
 
 def _eager_hook(family: str) -> Callable[[Bundle], dict[str, Any]]:
     """The family's registered ``eager_parts(bundle)`` (part name -> eval-mode module)."""
-    from vlexport.registry import families
+    from vlexport.errors import UsageError
+    from vlexport.registry import get_family
 
-    known = {f.name: f for f in families()}
-    if family not in known:
-        raise EagerRebuildError(f"no PyTorch rebuild for family {family!r}")
-    return known[family].load("eager_parts")
+    try:
+        return get_family(family).load("eager_parts")
+    except UsageError:  # not a registered family
+        raise EagerRebuildError(f"no PyTorch rebuild for family {family!r}") from None
 
 
 def eager_modules(bundle: Bundle) -> dict[str, Any]:

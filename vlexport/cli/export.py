@@ -14,7 +14,6 @@ import click
 
 from vlexport.cli.group import cli
 from vlexport.cli.report import print_export_report
-from vlexport.errors import DependencyError
 from vlexport.registry import Family, families
 
 __all__ = ["FamilyExportCommand"]
@@ -34,8 +33,9 @@ class FamilyExportCommand(click.Command):
             try:
                 self._declared = self.family.load("command")
             except ImportError as e:  # a runtime-only install: no torch, no onnx
-                raise DependencyError(f"exporting needs the export extra ({e.name} is missing): "
-                                      "pip install 'vlexport[export]'") from e
+                from vlexport.export.exporter import export_extra_missing
+
+                raise export_extra_missing(e) from e
         return self._declared
 
     @property  # type: ignore[override]

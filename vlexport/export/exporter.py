@@ -14,7 +14,12 @@ from vlexport.registry import Family, get_family
 if TYPE_CHECKING:
     from vlexport.export.bundle_export import ExportReport
 
-__all__ = ["export_model", "require_export_extra"]
+__all__ = ["export_extra_missing", "export_model", "require_export_extra"]
+
+
+def export_extra_missing(e: ImportError) -> DependencyError:
+    """The one-line error for an export-side import that failed: which package, and the install line."""
+    return DependencyError(f"exporting needs the export extra ({e.name} is missing): pip install 'vlexport[export]'")
 
 
 def require_export_extra() -> None:
@@ -23,9 +28,7 @@ def require_export_extra() -> None:
         for name in ("onnx", "torch"):
             importlib.import_module(name)
     except ImportError as e:
-        raise DependencyError(
-            f"exporting needs the export extra ({e.name} is missing): pip install 'vlexport[export]'"
-        ) from e
+        raise export_extra_missing(e) from e
 
 
 def export_model(family: str | Family, options: Any) -> ExportReport:

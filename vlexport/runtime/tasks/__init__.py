@@ -9,21 +9,15 @@ from typing import Any
 
 __all__ = ["CaptionTask", "DetectTask", "EmbedTask", "SegmentTask", "TASKS", "task_class"]
 
-TASKS = ("detect", "embed", "segment", "caption")
-
-
-def _family_task(task: str, family: str | None) -> Any:
-    """The class the family registry names for this task, or None (no such family, or not its task)."""
-    if not family:
-        return None
-    from vlexport.errors import UsageError
-    from vlexport.registry import get_family, load_ref
-
-    try:
-        ref = get_family(family).tasks.get(task)
-    except UsageError:  # a family this runtime does not know: the task's generic class
-        return None
-    return load_ref(ref) if ref is not None else None
+#: Each task's generic class: what a bundle of a family without its own class for the task gets.
+_GENERIC = {
+    "detect": "vlexport.runtime.tasks.detect:DetectTask",
+    "embed": "vlexport.runtime.tasks.embed:EmbedTask",
+    "segment": "vlexport.runtime.tasks.segment:SegmentTask",
+    "caption": "vlexport.runtime.tasks.caption:CaptionTask",
+}
+TASKS = tuple(_GENERIC)
+_CLASS_TASKS = {ref.rpartition(":")[2]: task for task, ref in _GENERIC.items()}
 
 
 def task_class(task: str, family: str | None = None) -> Any:
@@ -32,37 +26,21 @@ def task_class(task: str, family: str | None = None) -> Any:
     A registered family's own class for the task (:attr:`vlexport.registry.Family.tasks`) comes first;
     any other family (or none) gets the generic class of the task.
     """
-    special = _family_task(task, family)
-    if special is not None:
-        return special
-    if task == "detect":
-        from vlexport.runtime.tasks.detect import DetectTask
-
-        return DetectTask
-    if task == "embed":
-        from vlexport.runtime.tasks.embed import EmbedTask
-
-        return EmbedTask
-    if task == "segment":
-        from vlexport.runtime.tasks.segment import SegmentTask
-
-        return SegmentTask
-    if task == "caption":
-        from vlexport.runtime.tasks.caption import CaptionTask
-
-        return CaptionTask
     from vlexport.errors import UsageError
+    from vlexport.registry import get_family, load_ref
 
-    raise UsageError(f"this runtime has no task {task!r}; it runs {list(TASKS)}")
+    if task not in _GENERIC:
+        raise UsageError(f"this runtime has no task {task!r}; it runs {list(TASKS)}")
+    ref = None
+    if family:
+        try:
+            ref = get_family(family).tasks.get(task)
+        except UsageError:  # a family this runtime does not know: the task's generic class
+            pass
+    return load_ref(ref or _GENERIC[task])
 
 
 def __getattr__(name: str) -> Any:
-    if name == "DetectTask":
-        return task_class("detect")
-    if name == "EmbedTask":
-        return task_class("embed")
-    if name == "SegmentTask":
-        return task_class("segment")
-    if name == "CaptionTask":
-        return task_class("caption")
+    if name in _CLASS_TASKS:
+        return task_class(_CLASS_TASKS[name])
     raise AttributeError(name)
