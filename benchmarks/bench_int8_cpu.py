@@ -33,14 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved_latency, machine_info, print_table, write_json  # noqa: E402
 
 
-def export_bundle(out: Path, assets: Path, calib_size: int, val: str | None = None, max_drop: float = 1.0):
+def export_bundle(out: Path, assets: Path, calib_size: int, val: str | None = None, max_drop: float = 1.0,
+                  calib_method: str = "auto"):
     from vlexport.export.bundle_export import PrecisionOptions
     from vlexport.export.yolo import YoloExportOptions, export_yolo
 
     return export_yolo(YoloExportOptions(
         checkpoint=assets / "weights" / "yolov8n_coco.pt", trust_checkpoint=True, out=out,
         precision=PrecisionOptions(int8=True, int8_target="cpu", calib=str(assets / "coco128" / "images" / "train2017"),
-                                   calib_size=calib_size, val=val, max_drop=max_drop)))
+                                   calib_size=calib_size, calib_method=calib_method, val=val, max_drop=max_drop)))
 
 
 def ultralytics_graphs(assets: Path, work: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[Path, Path, Path]:
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=32)
     ap.add_argument("--val-size", type=int, default=96)
     ap.add_argument("--max-drop", type=float, default=1.0)
+    ap.add_argument("--calib-method", default="auto", help="--calib-method of both exports (default: auto)")
     ap.add_argument("--no-gate", action="store_true", help="skip the export with the accuracy gate")
     ap.add_argument("--keep", type=Path, help="keep the bundles and graphs in this folder")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/int8_cpu.json"))
@@ -134,7 +136,7 @@ def main() -> None:
     work = args.keep or Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    bundle = export_bundle(work / "yolo_cpu", assets, args.calib_size).path
+    bundle = export_bundle(work / "yolo_cpu", assets, args.calib_size, calib_method=args.calib_method).path
     export_s = time.perf_counter() - t
     pre = Preprocessor(Bundle.open(bundle).preprocess)
     calib = calibration_frames(str(assets / "coco128" / "images" / "train2017"), args.calib_size, seed=0)
@@ -165,7 +167,7 @@ def main() -> None:
     if not args.no_gate:
         t = time.perf_counter()
         rep = export_bundle(work / "yolo_cpu_gated", assets, args.calib_size, str(assets / "coco128" / "data.yaml"),
-                            args.max_drop)
+                            args.max_drop, args.calib_method)
         gated = rep.path / "detector.int8.onnx"
         gate_s = time.perf_counter() - t
         gb = {"vlexport fp32": OrtBackend(rep.path / "detector.onnx", providers=["CPUExecutionProvider"], threads=args.threads)}
@@ -195,8 +197,11 @@ def main() -> None:
     print(f"\nint8/fp32 latency {int8_ratio:.3f} (target <= 0.45: {'MET' if int8_ratio <= 0.45 else 'NOT MET'}); "
           f"mAP50-95 drop {drop:.2f} points (target <= 1.0: {'MET' if drop <= 1.0 else 'NOT MET'})")
     if gate is not None:
-        for r in gate["rounds"]:
-            print(f"  gate round {r['round']}: {r['excluded_nodes']} node(s) kept float, drop {r['drop_points']:.2f}")
+        print(f"\nprecision search (export with --val, {gate['seconds']:.0f} s in all): the points it measured")
+        rows = [[str(r["round"]), str(r.get("excluded_groups", "-")), str(r["excluded_nodes"]),
+                 f"{r['latency_ratio']:.3f}" if r.get("latency_ratio") else "-", f"{r['drop_points']:.2f}",
+                 "yes" if r.get("passed") else "no", "<- chosen" if r.get("chosen") else ""] for r in gate["rounds"]]
+        print_table(rows, ["round", "layers float", "nodes float", "int8/fp32 latency", "mAP drop", "within", ""])
         if gate["ratio"] is not None:
             print(f"  gated int8/fp32 latency {gate['ratio']:.3f}")
     write_json(args.json, {"benchmark": "int8_cpu", "threads": args.threads, "calib_size": args.calib_size,

@@ -7,32 +7,14 @@ import json
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper
 
 pytest.importorskip("ultralytics")
 
-from vlexport.calibration.gate import head_nodes  # noqa: E402
 from vlexport.cli import cli  # noqa: E402
 
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def test_head_nodes_are_the_output_specific_branches(tmp_path):
-    # x → trunk → (box_conv → boxes), (cls_conv → scores): the trunk reaches both outputs.
-    def conv(name, i, o, w):
-        return helper.make_node("Conv", [i, w], [o], name=name)
-
-    w = [helper.make_tensor(n, TensorProto.FLOAT, [1, 1, 1, 1], [1.0]) for n in ("w0", "w1", "w2")]
-    g = helper.make_graph(
-        [conv("trunk", "x", "t", "w0"), conv("box_conv", "t", "boxes", "w1"), conv("cls_conv", "t", "scores", "w2")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
-        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)], w)
-    path = tmp_path / "g.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
-    assert head_nodes(path, ["trunk", "box_conv", "cls_conv"]) == ["box_conv", "cls_conv"]
 
 
 def test_int8_export_records_provenance_and_passes_the_gate(tmp_path, assets):
@@ -85,19 +67,62 @@ def test_bad_calibration_sources(tmp_path, assets, name, make, needle):
     assert not (tmp_path / "b").exists()
 
 
-def test_exclusion_plan_grows_heads_first_then_the_rest():
-    from vlexport.calibration.gate import exclusion_plan
+def test_cpu_target_search_records_measured_points(tmp_path, assets):
+    """The search measures latency and mAP of each point it explores, and keeps the fastest within budget."""
+    out = tmp_path / "b"
+    r = invoke("yolo", "--checkpoint", assets / "weights" / "yolov8n_coco.pt", "--trust-checkpoint", "--imgsz", "320",
+               "--out", out, "--int8", "--int8-target", "cpu", "--calib", assets / "coco128" / "images" / "train2017",
+               "--calib-size", "8", "--calib-method", "auto", "--val", assets / "coco128" / "data.yaml",
+               "--max-drop", "0")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    ranges = m["calibration"]["ranges"]["detector"]
+    assert ranges["method"] == "auto" and sum(ranges["by_candidate"].values()) == ranges["tensors"] > 100
+    assert ranges["tied_to_concat_scale"] > 0
+    g = m["validation"]["gate"]
+    rounds = g["rounds"]
+    assert g["target"] == "cpu" and g["search"]["metric"] == "map50_95" and len(g["search"]["order"]) > 20
+    assert [p["round"] for p in rounds] == list(range(len(rounds))) and len(rounds) >= 2
+    fp32 = m["validation"]["metrics"]["fp32"]["map50_95"]
+    for p in rounds:
+        assert p["latency_measured"] and 0 < p["latency_ratio"] < 5 and p["fp32_metric"] == pytest.approx(fp32, abs=1e-4)
+        assert p["drop_points"] == pytest.approx(100 * (p["fp32_metric"] - p["int8_metric"]))
+        assert p["passed"] == (p["drop_points"] <= 0)
+    assert [p["excluded_groups"] for p in rounds[1:3]] == [1, 2]  # the schedule doubles from one layer
+    assert all(p["excluded_nodes"] >= p["excluded_groups"] for p in rounds)
+    chosen = [p for p in rounds if p.get("chosen")]
+    if "int8" in m["parts"]["detector"]["files"]:
+        assert len(chosen) == 1 and chosen[0]["passed"]
+        assert chosen[0]["latency_ratio"] == min(p["latency_ratio"] for p in rounds if p["passed"])
+        assert len(m["calibration"]["excluded_nodes"]["detector"]) == chosen[0]["excluded_nodes"]
+    else:  # no point within a zero budget: refused, with every explored point on record
+        assert not chosen and "search round" in m["validation"]["refused"]["detector/int8"]
 
-    heads = [f"h{i}" for i in range(8)]
-    rest = [f"r{i}" for i in range(40)]
-    plan = exclusion_plan(heads, rest)
-    assert plan[0] == heads[:2] and plan[1] == heads[:4] and plan[2] == heads
-    assert plan[3] == heads + rest[:2] and plan[-1] == heads + rest[:14]
-    assert all(len(a) < len(b) for a, b in zip(plan, plan[1:]))
-    assert exclusion_plan([], ["a"]) == [["a"]]
-    with_decoding = exclusion_plan(heads, rest, decoding=["h7", "h6"])
-    assert with_decoding[0] == ["h7", "h6"] and with_decoding[1] == ["h7", "h6"] + ["h0", "h1", "h2", "h3"][:2]
-    assert set(with_decoding[2]) == set(heads) and with_decoding[3] == with_decoding[2] + rest[:2]
+
+def test_sclip_gate_measures_miou(tmp_path, assets):
+    out = tmp_path / "b"
+    r = invoke("sclip", "--preset", "tiny", "--classes", "aeroplane,bird,cow", "--templates", "single", "--int8",
+               "--calib", assets / "images", "--calib-size", "3", "--val", assets / "voc", "--max-drop", "100",
+               "--out", out)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    g = m["validation"]["gate"]
+    assert g["rounds"][0]["metric"] == "miou" and g["rounds"][0]["passed"]
+    metrics = m["validation"]["metrics"]
+    assert set(metrics) == {"fp32", "int8"} and 0 <= metrics["int8"]["miou"] <= 1
+    assert g["rounds"][0]["int8_metric"] == pytest.approx(metrics["int8"]["miou"], abs=1e-4)  # to_dict rounds
+
+
+def test_multiscale_gate_measures_foreground_iou(tmp_path, assets):
+    out = tmp_path / "b"
+    r = invoke("multiscale", "--preset", "tiny", "--imgsz", "128", "--class-name", "person", "--int8",
+               "--calib", assets / "images", "--calib-size", "3", "--val", assets / "voc", "--max-drop", "100",
+               "--out", out)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    first = m["validation"]["gate"]["rounds"][0]
+    assert first["metric"] == "iou" and first["passed"] and 0 <= first["int8_metric"] <= 1
+    assert m["validation"]["metrics"]["fp32"]["images"] == 7  # the VOC pairs, none used for calibration
 
 
 def test_int8_the_gate_cannot_pass_is_refused_and_the_rest_written(tmp_path, assets):

@@ -160,7 +160,7 @@ def test_per_tensor_option(fp32_model, tmp_path):
 
 def test_quantize_errors(fp32_model, tmp_path):
     out = tmp_path / "x.onnx"
-    choices = r"choose one of \['minmax', 'entropy', 'percentile'\]"
+    choices = r"choose one of \['minmax', 'entropy', 'percentile', 'auto'\]"
     with pytest.raises(UsageError, match=r"unknown calibration method 'kl'; " + choices):
         quantize_int8(fp32_model, out, _feeds(2, 0), method="kl")
     with pytest.raises(UsageError, match="INT8 needs calibration data: pass --calib SOURCE"):

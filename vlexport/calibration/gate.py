@@ -1,148 +1,30 @@
 """The accuracy gate: INT8 may lose at most ``--max-drop`` points of the task metric against FP32.
 
-When it loses more, the most sensitive nodes are kept in higher precision and the part is
-quantised again, round after round, until the drop is within budget or the gate gives up and
-says so with the figures. Sensitivity is measured per node as the error each quantised node
-*adds* to what it receives (1 − cosine of its output in the INT8 graph against FP32, minus
-the worst error among its quantised ancestors), on a few calibration images. The first round
-keeps the decoding (each head's last layer and what follows, :func:`decoding_nodes`) in higher
-precision, the next ones more of the detection heads (:func:`head_nodes`), most sensitive
-first, then the most sensitive of the remaining nodes.
+The task metric (mAP50-95 for detectors, mIoU for semantic segmenters, foreground IoU for
+binary ones: :mod:`vlexport.calibration.gate_metrics`) is measured on the ``--val`` images the
+calibration did not use. When INT8 loses more, or when keeping some layers in float is both
+faster and more accurate, the precision search (:mod:`vlexport.calibration.search`) chooses which
+layers stay float by measured sensitivity and measured latency, and the lowest-latency point
+within budget is written. Every point it measured goes to the manifest
+(``validation.gate.rounds``; ``vlexport inspect --plot`` draws them). When no point is within
+budget the gate refuses INT8 and says so with the figures.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from vlexport.errors import ExportError, UsageError
 
 log = logging.getLogger("vlexport")
-
-# Successive rounds keep more nodes in higher precision: first growing fractions of the head
-# nodes (most sensitive first), then all heads plus growing fractions of the other nodes.
-HEAD_SCHEDULE = (0.25, 0.5, 1.0)
-REST_SCHEDULE = (0.05, 0.1, 0.2, 0.35)
-
-
-def exclusion_plan(heads: list[str], rest: list[str], decoding: list[str] | None = None) -> list[list[str]]:
-    """The node lists to keep in higher precision, round by round (inputs most sensitive first).
-
-    ``decoding`` (a subset of ``heads``) goes first on its own: the last layers of each head and
-    the box/score decoding, where int8 rounding costs the most accuracy and saves the least time.
-    """
-    decoding = list(decoding or [])
-    heads = decoding + [h for h in heads if h not in set(decoding)]
-    plan = [decoding] if decoding else []
-    plan += [heads[: max(len(decoding), math.ceil(f * len(heads)))] for f in HEAD_SCHEDULE if heads]
-    plan += [heads + rest[: max(1, math.ceil(f * len(rest)))] for f in REST_SCHEDULE if rest]
-    unique: list[list[str]] = []
-    for step in plan:
-        if not unique or len(step) > len(unique[-1]):
-            unique.append(step)
-    return unique
-
-
-def _cosine_error(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    if denom == 0:
-        return 0.0 if np.array_equal(a, b) else 1.0
-    return float(1.0 - a @ b / denom)
-
-
-def sensitivity_order(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]],
-                      op_types: list[str] | None = None) -> list[str]:
-    """Quantised node names, most sensitive first (ties: nodes nearer the outputs first)."""
-    from vlexport.calibration.activations import record_activations
-    from vlexport.calibration.quantize import list_quantizable_nodes
-
-    model = onnx.load(str(fp32_path), load_external_data=False)
-    nodes = [n for n, _ in (list_quantizable_nodes(fp32_path, op_types) if op_types else list_quantizable_nodes(fp32_path))]
-    by_name = {n.name: n for n in model.graph.node}
-    producer = {o: n.name for n in model.graph.node for o in n.output}
-    tensors = [by_name[n].output[0] for n in nodes if n in by_name]
-    ref = record_activations(fp32_path, feeds, tensors)
-    got = record_activations(int8_path, feeds, tensors)
-    err = {}
-    for name in nodes:
-        t = by_name[name].output[0]
-        if t in ref and t in got:
-            err[name] = float(np.mean([_cosine_error(a, b) for a, b in zip(ref[t], got[t])]))
-    quantised = set(err)
-
-    def ancestors(name: str) -> set[str]:
-        # Nearest quantised ancestors, walking up through the nodes that are not quantised.
-        found, stack, seen = set(), list(by_name[name].input), set()
-        while stack:
-            t = stack.pop()
-            p = producer.get(t)
-            if p is None or p in seen:
-                continue
-            seen.add(p)
-            if p in quantised:
-                found.add(p)
-            else:
-                stack.extend(by_name[p].input)
-        return found
-
-    position = {n: i for i, n in enumerate(nodes)}
-    local = {n: err[n] - max((err[a] for a in ancestors(n)), default=0.0) for n in quantised}
-    return sorted(quantised, key=lambda n: (-local[n], -position[n]))
-
-
-def head_nodes(fp32_path: Path, candidates: list[str]) -> list[str]:
-    """The candidates on output-specific branches: detection heads and decoding.
-
-    A shared backbone/neck node is an ancestor of every graph output; a node that reaches only
-    some outputs (the box branch, the class branch, the box decoding) belongs to a head. This
-    holds for any detector graph, with no per-model list.
-    """
-    model = onnx.load(str(fp32_path), load_external_data=False)
-    producer = {o: n for n in model.graph.node for o in n.output}
-    reaches: dict[str, set[str]] = {}
-    for out in model.graph.output:
-        stack, seen = [out.name], set()
-        while stack:
-            t = stack.pop()
-            node = producer.get(t)
-            if node is None or node.name in seen:
-                continue
-            seen.add(node.name)
-            reaches.setdefault(node.name, set()).add(out.name)
-            stack.extend(node.input)
-    every = {o.name for o in model.graph.output}
-    return [n for n in candidates if reaches.get(n, set()) != every]
-
-
-def decoding_nodes(fp32_path: Path, heads: list[str]) -> list[str]:
-    """The head nodes with no convolution after them: each head's last layer and the decoding."""
-    model = onnx.load(str(fp32_path), load_external_data=False)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for t in node.input:
-            consumers.setdefault(t, []).append(node)
-    by_name = {n.name: n for n in model.graph.node}
-
-    def conv_after(name: str) -> bool:
-        stack, seen = list(by_name[name].output), set()
-        while stack:
-            for c in consumers.get(stack.pop(), []):
-                if c.name in seen:
-                    continue
-                seen.add(c.name)
-                if c.op_type in ("Conv", "ConvTranspose"):
-                    return True
-                stack.extend(c.output)
-        return False
-
-    return [h for h in heads if h in by_name and not conv_after(h)]
 
 
 class GateRefused(ExportError):
@@ -156,80 +38,129 @@ class GateRefused(ExportError):
 
 def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: dict[str, dict[str, Any]],
                       calib) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """Measure every precision on ``prec.val`` and re-quantise until INT8 is within ``prec.max_drop``.
+    """Measure every precision on ``prec.val`` and search the INT8 precision assignment.
 
-    Mutates ``int8_info[part]["excluded_nodes"]`` and rewrites the INT8 file in the staging
-    folder. Returns (metrics per precision, one record per gate round).
+    Mutates ``int8_info[part]`` (``excluded_nodes``, ``search``: the candidates and their figures)
+    and rewrites the INT8 file in the staging folder with the chosen point. Returns (metrics per
+    precision, one record per explored point).
     """
-    from vlexport import runtime
-    from vlexport.data.detection import load_detection_dataset
-    from vlexport.evaluation.detection import evaluate_detector
-    from vlexport.calibration.quantize import quantize_int8
+    from tqdm import tqdm
 
-    if plan.task != "detect":
-        raise UsageError(f"the accuracy gate measures detection mAP; the {plan.family} family's task is {plan.task!r}")
+    from vlexport.calibration.gate_metrics import gate_metric
+    from vlexport.calibration.quantize import CPU_OP_TYPES, quantize_int8, quantized_node_names
+    from vlexport.calibration.search import (
+        SearchPoint,
+        group_costs,
+        group_of,
+        local_errors,
+        measure_latency,
+        rank_groups,
+        search_schedule,
+    )
+
     if len(int8_info) != 1:
-        raise UsageError("the accuracy gate handles one quantised part per bundle")
+        raise ExportError("the accuracy gate handles one quantised part per bundle")
     part_name, info = next(iter(int8_info.items()))
-    dataset = load_detection_dataset(prec.val)
-    calib_paths = {str(Path(n).resolve()) for n in calib.names}
-    keep = [i for i, it in enumerate(dataset.items) if str(Path(it.image_path).resolve()) not in calib_paths]
-    if not keep:
-        raise UsageError(f"every image of --val {prec.val} is a calibration image: evaluate on images the "
-                         "calibration did not see (a smaller --calib-size or another --calib source)")
-    eval_set = dataset.subset(keep)
-    log.info("accuracy gate: %d evaluation image(s) from %s, disjoint from the %d calibration image(s)",
-             len(keep), prec.val, len(calib_paths))
-
+    metric = gate_metric(plan.task, plan.family, prec.val, calib.names)
+    log.info("accuracy gate: %s on %d evaluation image(s) from %s, disjoint from the %d calibration image(s)",
+             metric.label, metric.images, prec.val, len(calib.names))
     files = manifest["parts"][part_name]["files"]
 
-    def evaluate(precision: str):
-        staging = writer.provisional(manifest)
-        task = runtime.load(staging, precision=precision, backend="onnxruntime", score_threshold=0.001,
-                            max_detections=300)
-        try:
-            return evaluate_detector(task, eval_set, progress=True)
-        finally:
-            task.close()
+    def evaluate(precision: str) -> tuple[float, dict[str, Any]]:
+        return metric.evaluate(writer.provisional(manifest), precision)
 
     metrics: dict[str, dict[str, float]] = {}
-    m32 = evaluate("fp32")
-    metrics["fp32"] = m32.to_dict()
+    m32, metrics["fp32"] = evaluate("fp32")
+    if not math.isfinite(m32):
+        raise UsageError(f"FP32 {metric.label} is undefined on --val {prec.val} (none of the model's classes occurs "
+                         "in its labels or predictions): pass a --val whose labels hold the model's classes")
     if "fp16" in files:
-        metrics["fp16"] = evaluate("fp16").to_dict()
+        metrics["fp16"] = evaluate("fp16")[1]
     fp32_path = writer.path(files["fp32"])
     int8_path = writer.path(files["int8"])
     feeds = info["inputs"]
-    plan_steps: list[list[str]] | None = None
-    excluded: list[str] = list(info["excluded_nodes"])
-    rounds: list[dict[str, Any]] = []
-    for r in range(prec.max_gate_rounds + 1):
-        m8 = evaluate("int8")
-        drop = 100.0 * (m32.map50_95 - m8.map50_95)
-        rounds.append({"round": r, "excluded_nodes": len(excluded), "int8_map50_95": m8.map50_95,
-                       "int8_map50": m8.map50, "drop_points": drop})
-        log.info("gate round %d: %d node(s) kept in higher precision, INT8 mAP50-95 %.4f vs FP32 %.4f (drop %.2f points, budget %.2f)",
-                 r, len(excluded), m8.map50_95, m32.map50_95, drop, prec.max_drop)
-        if drop <= prec.max_drop:
-            break
-        if r == prec.max_gate_rounds:
-            table = "; ".join(f"round {x['round']}: {x['excluded_nodes']} kept, drop {x['drop_points']:.2f}" for x in rounds)
-            raise GateRefused(
-                f"INT8 stays {drop:.2f} points of mAP50-95 below FP32 ({m8.map50_95:.4f} vs {m32.map50_95:.4f}), over "
-                f"--max-drop {prec.max_drop}, after {r} rounds ({table}); raise --max-drop, try another "
-                "--calib-method or more --calib-size", {**metrics, "int8": m8.to_dict()}, rounds)
-        if plan_steps is None:
-            order = sensitivity_order(fp32_path, int8_path, feeds[: min(8, len(feeds))], info.get("op_types"))
-            heads = head_nodes(fp32_path, order)
-            plan_steps = exclusion_plan(heads, [n for n in order if n not in set(heads)],
-                                        decoding_nodes(fp32_path, heads))
-        if r >= len(plan_steps):
-            raise GateRefused(f"INT8 stays {drop:.2f} points below FP32 with every candidate node kept in "
-                              "higher precision; export without --int8 or raise --max-drop",
-                              {**metrics, "int8": m8.to_dict()}, rounds)
-        excluded = plan_steps[r]
-        q = quantize_int8(fp32_path, int8_path, feeds, method=prec.calib_method, exclude_nodes=excluded,
-                          target=prec.int8_target)
-        info["excluded_nodes"] = list(q.excluded_nodes)
-    metrics["int8"] = m8.to_dict()
-    return metrics, rounds
+    target = prec.int8_target
+    measured = target == "cpu"  # the tensorrt target's latency cannot be measured here
+    threads = min(2, os.cpu_count() or 1)
+    op_types = CPU_OP_TYPES if target == "cpu" else info.get("op_types")
+    points: list[SearchPoint] = []
+    scratch = Path(tempfile.mkdtemp(prefix=".vlexport-search-", dir=int8_path.parent))
+    bar = tqdm(total=prec.max_gate_rounds + 1, desc="INT8 search", unit="round", leave=False)
+
+    def measure(graph: Path, excluded: list[str], groups: int) -> SearchPoint:
+        r = len(points)
+        bar.set_description(f"INT8 search round {r}: {groups} layer(s) float")
+        if graph != int8_path:
+            shutil.copyfile(graph, int8_path)
+        value, figures = evaluate("int8")
+        lat, lat32 = measure_latency(fp32_path, int8_path, feeds[0], threads=threads) if measured else (None, None)
+        extra = {f"int8_{k}": figures[k] for k in ("map50_95", "map50") if k in figures}
+        point = SearchPoint(r, groups, list(excluded), metric.name, value, m32, lat, lat32, measured,
+                            100.0 * (m32 - value) <= prec.max_drop, extra)
+        points.append(point)
+        bar.update(1)
+        log.info("search round %d: %d layer(s) (%d nodes) float, INT8 %s %.4f vs FP32 %.4f (drop %.2f, budget %.2f)%s",
+                 r, groups, len(excluded), metric.label, value, m32, point.drop_points, prec.max_drop,
+                 f", {lat:.1f} vs {lat32:.1f} ms ({lat / lat32:.2f}x)" if lat else "")
+        kept = scratch / f"round{r}.onnx"
+        shutil.copyfile(int8_path, kept)
+        point.extra.update(_file=str(kept), _figures=figures)
+        return point
+
+    try:
+        first = measure(int8_path, list(info["excluded_nodes"]), 0)
+        quantised = [n for n in quantized_node_names(onnx.load(str(int8_path), load_external_data=False), op_types)]
+        groups: dict[str, list[str]] = {}
+        for n in quantised:
+            groups.setdefault(group_of(n), []).append(n)
+        search: dict[str, Any] = {"metric": metric.name, "candidates": len(groups)}
+        if prec.max_gate_rounds > 0 and groups:
+            errors = local_errors(fp32_path, int8_path, feeds[: min(8, len(feeds))], quantised)
+            sensitivity = {g: sum(errors.get(n, 0.0) for n in ns) for g, ns in groups.items()}
+            cost = group_costs(fp32_path, int8_path, feeds[0], list(groups), target=target, threads=threads)
+            order = rank_groups(sensitivity, cost)
+            search["order"] = [{"group": g, "nodes": len(groups[g]), "sensitivity": sensitivity[g],
+                                "float_cost_ms": cost.get(g, 0.0)} for g in order]
+            search["cost_source"] = "profiled int8 vs fp32 kernels" if measured else "fp32 kernel time (estimate)"
+
+            def point(k: int) -> bool:
+                excluded = [n for g in order[:k] for n in groups[g]]
+                q = quantize_int8(fp32_path, scratch / "candidate.onnx", feeds, method=prec.calib_method,
+                                  exclude_nodes=excluded, target=target, calibration=info.get("calibration"))
+                return measure(scratch / "candidate.onnx", list(q.excluded_nodes), k).passed
+
+            free = sum(1 for g in order if cost.get(g, 0.0) < 0 and measured)
+            if first.passed:
+                # Within budget already: keeping the layers whose float kernels are faster costs nothing.
+                if free and prec.max_gate_rounds > 0:
+                    point(free)
+            else:
+                search_schedule(len(order), point, prec.max_gate_rounds)
+    finally:
+        bar.close()
+    info["search"] = {"search": search}
+    passed = [p for p in points if p.passed]
+    if not passed:
+        table = "; ".join(f"round {p.round}: {p.excluded_groups} layer(s) float, drop {p.drop_points:.2f}" for p in points)
+        shutil.rmtree(scratch, ignore_errors=True)
+        best = max(points, key=lambda p: p.int8_metric)
+        raise GateRefused(
+            f"INT8 stays {best.drop_points:.2f} points of {metric.label} below FP32 ({best.int8_metric:.4f} vs "
+            f"{m32:.4f}), over --max-drop {prec.max_drop}, after {len(points) - 1} search round(s) ({table}); "
+            "raise --max-drop, try another --calib-method or more --calib-size",
+            {**metrics, "int8": best.extra["_figures"]}, _records(points))
+    # The ratio, not the milliseconds: each point's INT8 and FP32 were timed side by side, so a
+    # slower machine during one point does not make it look worse than another.
+    chosen = min(passed, key=lambda p: (p.latency_ratio if p.latency_ratio is not None else 0.0, p.excluded_groups))
+    chosen.chosen = True
+    os.replace(chosen.extra["_file"], int8_path)
+    shutil.rmtree(scratch, ignore_errors=True)
+    info["excluded_nodes"] = list(chosen.excluded_nodes)
+    search["chosen_round"] = chosen.round
+    metrics["int8"] = chosen.extra["_figures"]
+    return metrics, _records(points)
+
+
+def _records(points: list[Any]) -> list[dict[str, Any]]:
+    """The manifest's records of the explored points (without the search's own bookkeeping)."""
+    return [{k: v for k, v in p.to_dict().items() if not k.startswith("_")} for p in points]

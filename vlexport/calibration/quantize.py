@@ -49,7 +49,7 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
-from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
 
 from vlexport.calibration.qdq_passes import drop_round_trips, restore_float_inputs, tail_after_weighted
 from vlexport.errors import ExportError, SourceError, UsageError
@@ -60,6 +60,8 @@ __all__ = [
     "QUANTIZABLE_OP_TYPES",
     "ArrayCalibrationReader",
     "QuantizeResult",
+    "Calibration",
+    "calibrate",
     "quantize_int8",
     "list_quantizable_nodes",
     "node_order",
@@ -70,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger("vlexport")
 
-CALIB_METHODS = ("minmax", "entropy", "percentile")
+CALIB_METHODS = ("minmax", "entropy", "percentile", "auto")
 _ORT_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -147,6 +149,7 @@ class QuantizeResult:
     per_channel: bool = True
     op_types: list[str] = field(default_factory=lambda: list(DEFAULT_OP_TYPES))
     target: str = "tensorrt"
+    calibration: Calibration | None = None  # the ranges, to quantise the same graph again without calibrating
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``calibration`` fields this result provides."""
@@ -158,6 +161,7 @@ class QuantizeResult:
             "op_types": list(self.op_types),
             "quantized_nodes": len(self.quantized_nodes),
             "excluded_nodes": list(self.excluded_nodes),
+            **({"ranges": self.calibration.summary()} if self.calibration is not None else {}),
         }
 
 
@@ -281,19 +285,58 @@ def _preprocess(src: Path, dst: Path) -> Path:
         return src
 
 
-def _calibrate(model_path: Path, inputs: Sequence[dict[str, np.ndarray]], method: str, percentile: float,
-               op_types: Sequence[str], workdir: Path, providers: Sequence[str] | None) -> Path:
-    """Collect activation ranges a few inputs at a time; returns the calibration cache file."""
-    options: dict[str, Any] = {"symmetric": True}
-    if method == "percentile":
+@dataclass
+class Calibration:
+    """Activation ranges of one graph as ``quantize_static`` takes them, and how each was chosen.
+
+    Computed once by :func:`calibrate` and reused by every re-quantisation of the same graph
+    (the accuracy gate and the precision search quantise it many times with other exclusions).
+    """
+
+    method: str
+    ranges: dict[str, tuple[float, float]]
+    choices: dict[str, str] = field(default_factory=dict)  # tensor -> candidate, where not min-max
+    tied: int = 0  # tensors whose range was widened to share a Concat's scale
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest's record: how many tensors took which candidate, and which they were."""
+        counts: dict[str, int] = {}
+        for t in self.ranges:
+            c = self.choices.get(t, "minmax")
+            counts[c] = counts.get(c, 0) + 1
+        return {"method": self.method, "tensors": len(self.ranges), "by_candidate": counts,
+                "clipped_tensors": dict(sorted(self.choices.items())), "tied_to_concat_scale": self.tied}
+
+    def save(self, path: Path) -> Path:
+        data = {t: (np.array(lo, np.float32), np.array(hi, np.float32)) for t, (lo, hi) in self.ranges.items()}
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
+        return path
+
+
+def calibrate(model_path: Path, inputs: Sequence[dict[str, np.ndarray]], method: str, percentile: float,
+              op_types: Sequence[str], workdir: Path, providers: Sequence[str] | None,
+              target: str = "tensorrt") -> Calibration:
+    """Collect activation ranges a few inputs at a time (see :class:`Calibration`).
+
+    The cpu target's uint8 activations take asymmetric ranges (a SiLU output spans [-0.28, max]:
+    a symmetric range would waste half the codes) and one shared range per Concat
+    (:func:`vlexport.calibration.ranges.tie_ranges`); ``auto`` chooses each tensor's range by
+    measured quantisation error (:func:`vlexport.calibration.ranges.choose_range`).
+    """
+    from vlexport.calibration.ranges import choose_range, collect_histograms, tie_ranges
+
+    symmetric = target != "cpu"
+    collect = "minmax" if method == "auto" else method
+    options: dict[str, Any] = {"symmetric": symmetric}
+    if collect == "percentile":
         options["percentile"] = percentile
-    elif method == "entropy":
+    elif collect == "entropy":
         options.update(_ENTROPY_BINS)
     calibrator = create_calibrator(
         model_path,
         list(op_types),
         augmented_model_path=str(workdir / "augmented.onnx"),
-        calibrate_method=_ORT_METHODS[method],
+        calibrate_method=_ORT_METHODS[collect],
         use_external_data_format=model_path.stat().st_size > _PROTO_LIMIT,
         providers=list(providers) if providers else ["CPUExecutionProvider"],
         extra_options=options,
@@ -304,13 +347,23 @@ def _calibrate(model_path: Path, inputs: Sequence[dict[str, np.ndarray]], method
         # The histogram collector prints a line per pass; the progress goes to the log instead.
         with contextlib.redirect_stdout(io.StringIO()):
             calibrator.collect_data(ArrayCalibrationReader(chunk))
-        log.info("calibrating (%s): %d/%d inputs", method, min(start + _CHUNK, n), n)
+        log.info("calibrating (%s): %d/%d inputs", collect, min(start + _CHUNK, n), n)
     with contextlib.redirect_stdout(io.StringIO()):
-        ranges = calibrator.compute_data()
+        data = calibrator.compute_data()
     del calibrator
-    cache = workdir / "calibration.json"
-    save_tensors_data(ranges, cache)
-    return cache
+    ranges = {t: (float(np.asarray(d.range_value[0]).ravel()[0]), float(np.asarray(d.range_value[1]).ravel()[0]))
+              for t, d in data.items()}
+    choices: dict[str, str] = {}
+    if method == "auto":
+        log.info("calibrating (auto): histograms of %d tensors", len(ranges))
+        hists = collect_histograms(model_path, inputs, ranges)
+        for t, h in hists.items():
+            c = choose_range(h, symmetric=symmetric, levels=255 if not symmetric else 254)
+            ranges[t] = (c.lowest, c.highest)
+            if c.method != "minmax":
+                choices[t] = c.method
+    tied = tie_ranges(onnx.load(str(model_path), load_external_data=False), ranges) if target == "cpu" else 0
+    return Calibration(method, ranges, choices, tied)
 
 
 def quantize_int8(
@@ -326,6 +379,7 @@ def quantize_int8(
     providers: Sequence[str] | None = None,
     quantize_outputs: bool = False,
     target: str = "tensorrt",
+    calibration: Calibration | None = None,
 ) -> QuantizeResult:
     """Quantise an FP32 ONNX graph to an explicit INT8 QDQ graph (see the module docstring).
 
@@ -392,7 +446,9 @@ def quantize_int8(
         else:
             src_for_prep = src
         prepared = _preprocess(src_for_prep, work / "prepared.onnx")
-        cache = _calibrate(prepared, inputs, method, float(percentile), ort_op_types, work, providers)
+        if calibration is None:
+            calibration = calibrate(prepared, inputs, method, float(percentile), ort_op_types, work, providers, target)
+        cache = calibration.save(work / "calibration.json")
         log.info("INT8: inserting Q/DQ (%s, %s)…", method, "per-channel" if per_channel else "per-tensor")
         staged = work / out.name
         with contextlib.redirect_stdout(io.StringIO()):
@@ -408,7 +464,7 @@ def quantize_int8(
                 activation_type=QuantType.QUInt8 if target == "cpu" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude + decoding,
-                calibrate_method=_ORT_METHODS[method],
+                calibrate_method=CalibrationMethod.MinMax,  # the ranges come from the cache
                 extra_options={
                     "ActivationSymmetric": target != "cpu",  # zero point 0: TensorRT's only convention
                     "WeightSymmetric": True,
@@ -441,7 +497,7 @@ def quantize_int8(
     log.info("INT8: %s written (%d nodes in int8, %d kept in float, %.1f s)",
              out.name, len(done), len(excluded), seconds)
     return QuantizeResult(out, done, excluded, method, seconds, calibration_count=len(inputs),
-                          per_channel=per_channel, op_types=list(op_types), target=target)
+                          per_channel=per_channel, op_types=list(op_types), target=target, calibration=calibration)
 
 
 def decoding_tail(model: onnx.ModelProto | str | Path) -> list[str]:

@@ -15,12 +15,15 @@ from vlexport.cli.report import metrics_table
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check every file's sha256.")
-def inspect_cmd(bundle: Path, as_json: bool, verify: bool) -> None:
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Write the INT8 precision search's latency/accuracy curve (every explored point) as a PNG.")
+def inspect_cmd(bundle: Path, as_json: bool, verify: bool, plot: Path | None) -> None:
     """Show what a bundle holds: parts, tensors, files, vocabulary, parity, backends.
 
     \b
-    Example:
+    Examples:
       vlexport inspect bundles/kdeov-yolov8n-vitb32
+      vlexport inspect bundles/yolo-yolov8n --plot int8_search.png
     """
     from vlexport.runtime.bundle import Bundle
     from vlexport.runtime.describe import describe_bundle
@@ -28,6 +31,14 @@ def inspect_cmd(bundle: Path, as_json: bool, verify: bool) -> None:
     b = Bundle.open(bundle)
     if verify:
         b.verify_all()
+    if plot is not None:
+        from vlexport.calibration.search_curve import plot_search
+
+        gate = (b.manifest.get("validation") or {}).get("gate") or {}
+        if plot_search(gate, plot, title=f"{b.root.name}: INT8 precision search"):
+            click.echo(f"wrote {plot}")
+        else:
+            click.echo("matplotlib is not installed: no chart written (pip install matplotlib)")
     if as_json:
         click.echo(json.dumps(b.manifest, indent=2))
         return

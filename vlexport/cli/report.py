@@ -27,14 +27,22 @@ def print_export_report(report: Any) -> None:
     if report.metrics:
         click.echo(metrics_table(report.metrics))
     for r in report.gate:
-        click.echo(f"  gate round {r['round']}: {r['excluded_nodes']} node(s) kept in higher precision, "
-                   f"INT8 mAP50-95 {100 * r['int8_map50_95']:.2f} (drop {r['drop_points']:.2f} points)")
+        label = _METRIC_LABELS.get(r.get("metric", "map50_95"), r.get("metric", ""))
+        value = r.get("int8_metric", r.get("int8_map50_95"))
+        latency = f", {r['latency_ratio']:.2f}x FP32 latency" if r.get("latency_ratio") else ""
+        click.echo(f"  search round {r['round']}: {r.get('excluded_groups', '-')} layer(s), {r['excluded_nodes']} "
+                   f"node(s) float, INT8 {label} {100 * value:.2f} (drop {r['drop_points']:.2f} points){latency}"
+                   + ("  <- chosen" if r.get("chosen") else ""))
+
+
+_METRIC_LABELS = {"map50_95": "mAP50-95", "miou": "mIoU", "iou": "IoU"}
 
 
 def metrics_table(metrics: dict) -> str:
     """Detection (mAP50-95, mAP50) or segmentation (mIoU, pixel accuracy) per precision, vs FP32."""
     first = next(iter(metrics.values()), {})
     main, second, names = (("miou", "pixel_accuracy", ("mIoU", "pix acc")) if "miou" in first
+                           else ("iou", "", ("IoU", "")) if "iou" in first
                            else ("map50_95", "map50", ("mAP50-95", "mAP50")))
     lines = [f"  {'precision':<10} {names[0]:>9} {names[1]:>8} {'images':>7}"]
     base = metrics.get("fp32", {}).get(main)

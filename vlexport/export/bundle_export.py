@@ -194,7 +194,7 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 files["int8"] = int8_rel
                 extra.setdefault("int8", {})[part.name] = {"quantized_nodes": len(q.quantized_nodes),
                                                            "excluded_nodes": list(q.excluded_nodes), "inputs": inputs,
-                                                           "op_types": list(q.op_types)}
+                                                           "op_types": list(q.op_types), "calibration": q.calibration}
             for p in files:
                 log.info("checking %s/%s against PyTorch on %d image(s)…", part.name, p, plan.parity_images.shape[0])
                 res, bad = check_parity(part, writer.path(files[p]), p, batches, reference)
@@ -301,11 +301,13 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 target=prec.int8_target, weight_only=extra.get("weight_only", {}),
                 extra={"method": prec.calib_method, "source": calib.source, "kind": calib.kind,
                        "count": len(calib.frames), "seed": prec.calib_seed, "sha256": calib.sha256,
-                       "excluded_nodes": {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()}},
+                       "excluded_nodes": {k: v["excluded_nodes"] for k, v in extra.get("int8", {}).items()},
+                       "ranges": {k: v["calibration"].summary() for k, v in extra.get("int8", {}).items()
+                                  if v.get("calibration") is not None}},
             )
             if prec.val and not extra.get("int8"):
                 log.warning("no INT8 graph left to gate on --val %s", prec.val)
-            elif prec.val and _is_labelled(prec.val):
+            elif prec.val and _is_labelled(plan.task, prec.val):
                 from vlexport.calibration.gate import GateRefused, run_accuracy_gate
 
                 try:
@@ -323,8 +325,10 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 manifest.calibration.extra["excluded_nodes"] = {k: v["excluded_nodes"]
                                                                 for k, v in extra.get("int8", {}).items()}
                 manifest.validation.extra["metrics"] = metrics
+                search_info = {k: v["search"] for k, v in extra.get("int8", {}).items() if "search" in v}
                 manifest.validation.extra["gate"] = {"data": prec.val, "max_drop": prec.max_drop,
-                                                     "rounds": gate_rounds}
+                                                     "target": prec.int8_target, "rounds": gate_rounds,
+                                                     **(next(iter(search_info.values())) if search_info else {})}
         path = writer.commit(manifest)
     files_written = sorted(p.name for p in path.iterdir())
     return ExportReport(path=path, parity=parity, files=files_written, seconds=time.perf_counter() - t0,
@@ -417,13 +421,13 @@ def _search_fp16(plan: ExportPlan, writer: BundleWriter, parts_manifest: dict[st
              len(result.kept_nodes), info["fp32_nodes"], info["nodes"], len(result.rounds) - 1)
 
 
-def _is_labelled(source: str) -> bool:
+def _is_labelled(task: str, source: str) -> bool:
     """Whether ``--val`` is a labelled dataset (it gates INT8) or only images (parity only)."""
-    from vlexport.data.detection import dataset_kind
+    from vlexport.calibration.gate_metrics import labelled_kind
 
-    if dataset_kind(source) is None:
+    if labelled_kind(task, source) is None:
         log.warning("--val %s has no labels: the INT8 accuracy gate is skipped (pass a YOLO data.yaml/folder "
-                    "or a COCO json to measure mAP)", source)
+                    "or a COCO json to measure mAP, masks with a semantic.yaml or VOC pairs for (m)IoU)", source)
         return False
     return True
 

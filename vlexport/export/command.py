@@ -31,12 +31,18 @@ PRECISION_OPTIONS: tuple[Decorator, ...] = (
     click.option("--calib", help="Calibration images: a folder, a video, a YOLO data.yaml/folder or a COCO json."),
     click.option("--calib-size", default=64, show_default=True, type=int, help="Number of calibration images (sampled with --calib-seed)."),
     click.option("--calib-seed", default=0, show_default=True, type=int),
-    click.option("--calib-method", default="entropy", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"])),
+    click.option("--calib-method", default="entropy", show_default=True,
+                 type=click.Choice(["minmax", "entropy", "percentile", "auto"]),
+                 help="Activation ranges: min-max, entropy (KL), percentile, or auto: per tensor, the candidate "
+                      "(min-max or a percentile clip) with the lowest measured quantisation error."),
     click.option("--int8-target", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "cpu"]),
                  help="tensorrt: signed symmetric Q/DQ that TensorRT and any onnxruntime run; cpu: uint8 activations, "
                       "onnxruntime's fast x86 path (TensorRT cannot take it)."),
-    click.option("--val", help="Images for the parity check; a labelled dataset (YOLO data.yaml/folder or COCO json) also gates INT8 by mAP."),
-    click.option("--max-drop", default=1.0, show_default=True, type=float, help="Points of mAP50-95 INT8 may lose against FP32 (with --val)."),
+    click.option("--val", help="Images for the parity check; a labelled dataset (YOLO data.yaml/folder or COCO json for "
+                               "detectors, masks for segmenters) also gates INT8 by the task metric and runs the "
+                               "precision search (which layers stay float, by measured accuracy and latency)."),
+    click.option("--max-drop", default=1.0, show_default=True, type=float,
+                 help="Points of the task metric (mAP50-95, mIoU, IoU) INT8 may lose against FP32 (with --val)."),
     click.option("--strict", is_flag=True,
                  help="Fail (write nothing) when an FP16 or INT8 graph fails its checks; by default it is left out "
                       "of the bundle with a warning and the reason in the manifest (FP32 failing always fails)."),

@@ -172,8 +172,9 @@ def _check_options(opts: MultiScaleExportOptions) -> None:
         from vlexport.data.detection import dataset_kind
 
         if dataset_kind(prec.val) is not None:
-            raise UsageError(f"--val {prec.val} is a labelled detection dataset, but the INT8 accuracy gate measures "
-                             "detection mAP and this is a segmenter: pass --val an image folder (parity only)")
+            raise UsageError(f"--val {prec.val} is a labelled detection dataset, but this is a segmenter: its INT8 "
+                             "accuracy gate measures foreground IoU on masks (a COCO semantic.yaml or VOC pairs); "
+                             "pass those, or an image folder (parity only)")
 
 
 def _names(keys: list[str]) -> str:

@@ -1,0 +1,69 @@
+"""The INT8 precision search's explored points as a PNG: latency against the task metric.
+
+Reads a bundle manifest's ``validation.gate`` (``rounds``: one record per measured point). matplotlib
+is imported only here, on its Agg canvas (no pyplot, no display).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from vlexport.errors import UsageError
+
+__all__ = ["plot_search"]
+
+
+def plot_search(gate: dict[str, Any], path: str | os.PathLike, title: str = "") -> bool:
+    """Draw INT8 latency (x: ratio to FP32, or layers kept float when no latency was measured)
+    against the metric (y, points) for every explored point, the FP32 point, the budget line and
+    the chosen point. Written atomically; False when matplotlib is missing."""
+    rounds = list(gate.get("rounds") or [])
+    if not rounds:
+        raise UsageError("this bundle has no INT8 precision search on record: export it with --int8 --calib "
+                         "and a labelled --val to run one")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    from vlexport.atomic import atomic_write
+
+    def value(r: dict[str, Any]) -> float:
+        return 100.0 * float(r.get("int8_metric", r.get("int8_map50_95", 0.0)))
+
+    timed = all(r.get("latency_ratio") for r in rounds)
+    xs = [float(r["latency_ratio"]) if timed else float(r.get("excluded_groups", r.get("excluded_nodes", 0)))
+          for r in rounds]
+    ys = [value(r) for r in rounds]
+    label = {"map50_95": "mAP50-95", "miou": "mIoU", "iou": "IoU"}.get(rounds[0].get("metric", "map50_95"), "metric")
+    fp32 = rounds[0].get("fp32_metric")
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(xs, ys, "o", color="tab:blue", label="explored INT8 points")
+    for r, x, y in zip(rounds, xs, ys):
+        ax.annotate(f"r{r['round']}: {r.get('excluded_groups', r.get('excluded_nodes', 0))} float", (x, y),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    chosen = [(x, y) for r, x, y in zip(rounds, xs, ys) if r.get("chosen")]
+    if chosen:
+        ax.plot(*zip(*chosen), "*", color="tab:red", markersize=16, label="chosen")
+    if fp32 is not None:
+        if timed:
+            ax.plot([1.0], [100.0 * fp32], "s", color="tab:gray", label="FP32")
+        budget = 100.0 * fp32 - float(gate.get("max_drop", 0.0))
+        ax.axhline(budget, linestyle="--", color="tab:orange", label=f"budget (FP32 - {gate.get('max_drop', 0)})")
+    measured = all(r.get("latency_measured") for r in rounds)
+    ax.set_xlabel(("INT8 latency / FP32 latency" + ("" if measured else " (estimated)")) if timed
+                  else "layers kept in float")
+    ax.set_ylabel(f"{label}, points")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title or f"INT8 precision search ({gate.get('target', '?')} target)", fontsize=10)
+    fig.tight_layout()
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    return True
