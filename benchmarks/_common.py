@@ -14,18 +14,21 @@ def interleaved_latency(contenders: dict[str, Callable[[], object]], *, warmup: 
                         per_round: int = 5) -> dict[str, dict[str, float]]:
     """Time each callable in alternating rounds so that machine noise hits all of them alike.
 
-    Returns per contender: median, p90, min and mean latency in milliseconds over all runs.
+    Returns per contender: median, p90, min and mean latency in milliseconds over all runs, and
+    the median of each round (for :func:`paired_ratio`).
     """
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in contenders}
+    by_round: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
             for _ in range(per_round):
                 t = time.perf_counter()
                 fn()
                 samples[name].append((time.perf_counter() - t) * 1000.0)
+            by_round[name].append(statistics.median(samples[name][-per_round:]))
     out = {}
     for name, xs in samples.items():
         xs_sorted = sorted(xs)
@@ -35,8 +38,16 @@ def interleaved_latency(contenders: dict[str, Callable[[], object]], *, warmup: 
             "min_ms": xs_sorted[0],
             "mean_ms": statistics.fmean(xs),
             "runs": len(xs),
+            "round_medians_ms": by_round[name],
         }
     return out
+
+
+def paired_ratio(latency: dict[str, dict], name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s round median / ``reference``'s in the same round: the ratio
+    with the machine's drift between rounds taken out (both ran back to back in each round)."""
+    a, b = latency[name]["round_medians_ms"], latency[reference]["round_medians_ms"]
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def machine_info() -> dict[str, str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_latency, machine_info, print_table, write_json  # noqa: E402
+from _common import interleaved_latency, machine_info, paired_ratio, print_table, write_json  # noqa: E402
 
 
 def export_bundle(out: Path, assets: Path, calib_size: int, val: str | None = None, max_drop: float = 1.0,
@@ -193,6 +193,11 @@ def main() -> None:
     print_table(rows, ["contender", "median ms", "p90 ms", "vs own fp32", "vs vlexport fp32", "mAP50-95",
                        "int/float-conv/QDQ nodes"])
     int8_ratio = lat["vlexport int8 (cpu target)"]["median_ms"] / base
+    paired = {"vlexport int8 / vlexport fp32": paired_ratio(lat, "vlexport int8 (cpu target)", "vlexport fp32"),
+              "ultralytics uint8 / ultralytics fp32": paired_ratio(lat, "ultralytics + quantize_static (uint8 act.)",
+                                                                   "ultralytics fp32")}
+    print("paired ratios (median over rounds of the two contenders' medians in the same round): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in paired.items()))
     drop = 100 * (maps["vlexport fp32"]["map50_95"] - maps["vlexport int8 (cpu target)"]["map50_95"])
     print(f"\nint8/fp32 latency {int8_ratio:.3f} (target <= 0.45: {'MET' if int8_ratio <= 0.45 else 'NOT MET'}); "
           f"mAP50-95 drop {drop:.2f} points (target <= 1.0: {'MET' if drop <= 1.0 else 'NOT MET'})")
@@ -206,7 +211,7 @@ def main() -> None:
             print(f"  gated int8/fp32 latency {gate['ratio']:.3f}")
     write_json(args.json, {"benchmark": "int8_cpu", "threads": args.threads, "calib_size": args.calib_size,
                            "val_size": args.val_size, "export_seconds": export_s, "latency": lat, "map": maps,
-                           "int8_ratio": int8_ratio, "map_drop_points": drop, "gate": gate,
+                           "int8_ratio": int8_ratio, "paired_ratios": paired, "map_drop_points": drop, "gate": gate,
                            "profiles": {k: {f: v[f] for f in ("integer_nodes", "float_compute_nodes", "qdq_nodes",
                                                                "optimized_ops", "by_op_type")}
                                         for k, v in profiles.items()},

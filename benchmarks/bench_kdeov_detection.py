@@ -87,6 +87,28 @@ def subset_ap50(bundle: Path, data: Path, names: tuple[str, ...]) -> dict:
     return {"ap50": m.map50, "ap50_95": m.map50_95, "classes": m.classes}
 
 
+def int8_figures(bundle: Path, rounds: int, assets: Path) -> dict:
+    """The bundle's FP32 and INT8 detector timed interleaved on bus.jpg, and its search's points."""
+    import cv2
+
+    from _common import interleaved_latency, paired_ratio
+    from vlexport.runtime.backends.onnxruntime import OrtBackend
+    from vlexport.runtime.bundle import Bundle
+    from vlexport.runtime.preprocess import Preprocessor
+
+    b = Bundle.open(bundle)
+    x = {"images": Preprocessor(b.preprocess)(cv2.imread(str(assets / "images" / "bus.jpg")))[0]}
+    backends = {p: OrtBackend(bundle / f, providers=["CPUExecutionProvider"], threads=2)
+                for p, f in (("fp32", "detector.onnx"), ("int8", "detector.int8.onnx"))}
+    lat = interleaved_latency({k: (lambda be=be: be.infer(x)) for k, be in backends.items()}, rounds=rounds)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    gate = manifest.get("validation", {}).get("gate", {})
+    chosen = next((r for r in gate.get("rounds", []) if r.get("chosen")), {})
+    return {"fp32_ms": lat["fp32"]["median_ms"], "int8_ms": lat["int8"]["median_ms"],
+            "ratio": lat["int8"]["median_ms"] / lat["fp32"]["median_ms"], "paired_ratio": paired_ratio(lat, "int8", "fp32"),
+            "rounds": gate.get("rounds", []), "chosen_float_layers": chosen.get("excluded_groups", "-")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocol", choices=["closed", "ov"], default="closed")
@@ -101,6 +123,9 @@ def main() -> None:
     ap.add_argument("--clip-pretrained", default=None)
     ap.add_argument("--distill-regions", type=float, default=0.0)
     ap.add_argument("--no-int8", action="store_true", help="FP32 and FP16 only (the open-vocabulary figures need no INT8)")
+    ap.add_argument("--calib-method", default="auto", help="--calib-method of both INT8 exports (default: auto)")
+    ap.add_argument("--latency-rounds", type=int, default=20,
+                    help="interleaved rounds timing each bundle's FP32 and INT8 detector (0: skip)")
     ap.add_argument("--kdeov-max-drop", type=float, default=1.0,
                     help="the KDEOV export's --max-drop (INT8 points of mAP50-95 allowed below FP32 on the gate's images)")
     ap.add_argument("--work", type=Path, default=None, help="keep the splits, checkpoint and bundles here")
@@ -121,7 +146,7 @@ def main() -> None:
     if not reuse_yolo:
         vlexport("yolo", "--checkpoint", weights, "--arch", "yolov8n", "--out", work / "yolo", "--overwrite", "--fp16",
                  "--int8", "--calib", splits["calib"], "--calib-size", args.calib, "--int8-target", "cpu",
-                 "--val", splits["train"])
+                 "--calib-method", args.calib_method, "--val", splits["train"])
     timings["export_yolo_s"] = time.perf_counter() - t
     yolo = (json.loads((work / "yolo.json").read_text())["metrics"] if reuse_yolo
             else validate(work / "yolo", splits["eval"], work / "yolo.json"))
@@ -142,7 +167,8 @@ def main() -> None:
     t = time.perf_counter()
     vocab = [] if args.protocol == "closed" else ["--classes", ",".join(BASE48 + NOVEL17)]
     int8 = [] if args.no_int8 else ["--int8", "--calib", splits["calib"], "--calib-size", args.calib,
-                                    "--int8-target", "cpu", "--max-drop", args.kdeov_max_drop]
+                                    "--int8-target", "cpu", "--calib-method", args.calib_method,
+                                    "--max-drop", args.kdeov_max_drop]
     vlexport("kdeov", "--checkpoint", work / "student.pt", "--templates", args.templates, *clip, *vocab,
              "--out", work / "kdeov", "--overwrite", "--fp16", *int8, "--val", splits["train"])
     timings["export_kdeov_s"] = time.perf_counter() - t
@@ -159,6 +185,20 @@ def main() -> None:
     print_table(rows, ["precision", "YOLOv8n mAP50-95", "KDEOV mAP50-95", "KDEOV mAP50", "KDEOV / YOLOv8n"])
     result = {"protocol": args.protocol, "args": {k: str(v) for k, v in vars(args).items()},
               "yolo": yolo, "kdeov": kdeov, "timings": timings, "machine": machine_info()}
+    if not args.no_int8 and args.latency_rounds:
+        result["int8"] = {name: int8_figures(work / name, args.latency_rounds, assets) for name in ("yolo", "kdeov")}
+        rows = [[name, f"{f['fp32_ms']:.2f}", f"{f['int8_ms']:.2f}", f"{f['ratio']:.3f}x",
+                 f"{f['paired_ratio']:.3f}x", f"{len(f['rounds'])}", f"{f['chosen_float_layers']}"]
+                for name, f in result["int8"].items()]
+        print(f"\nINT8 vs FP32 detector latency, onnxruntime CPU, 2 threads, {args.latency_rounds} interleaved rounds")
+        print_table(rows, ["bundle", "FP32 ms", "INT8 ms", "ratio", "paired ratio", "search points",
+                           "float layers chosen"])
+        for name, f in result["int8"].items():
+            for r in f["rounds"]:
+                ratio = r.get("latency_ratio")
+                print(f"  {name} search round {r['round']}: {r['excluded_groups']} layer(s) float, latency "
+                      f"{'-' if ratio is None else f'{ratio:.3f}x'}, {r['metric']} drop {r['drop_points']:.2f}"
+                      f"{'  <- chosen' if r.get('chosen') else ''}")
     if args.protocol == "ov":
         result["base"] = subset_ap50(work / "kdeov", splits["eval"], BASE48)
         result["novel"] = subset_ap50(work / "kdeov", splits["eval"], NOVEL17)

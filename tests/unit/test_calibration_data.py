@@ -226,6 +226,15 @@ def test_calibration_frames_are_deterministic(assets, rel, kind):
     assert a.describe() == {"source": str(src), "kind": kind, "count": 4, "sha256": a.sha256}
 
 
+@pytest.mark.parametrize("rel, suffix", [("coco128/semantic.yaml", ".jpg"), ("voc", "_image.png")])
+def test_segmentation_datasets_give_their_images_not_their_masks(assets, rel, suffix):
+    # A segmenter's --val is its parity source too: the frames are the photos, never the masks.
+    s = calibration_frames(assets / rel, 1000, seed=0)
+    assert s.kind == "segmentation" and len(s) == (100 if rel.endswith(".yaml") else 7)
+    assert all(n.endswith(suffix) and "/masks/" not in n for n in s.names)
+    assert all(f.ndim == 3 and f.shape[2] == 3 for f in s.frames)
+
+
 def test_calibration_frames_video_sampling_spans_the_video(assets):
     s = calibration_frames(assets / "video/car-detection.mp4", 10, seed=0)
     idx = [int(n.rsplit("#", 1)[1]) for n in s.names]

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from vlexport.calibration.ranges import TensorHistogram, choose_range, tie_ranges
-from vlexport.calibration.search import SearchPoint, group_of, rank_groups, search_schedule
+from vlexport.calibration.search import SearchPoint, free_groups, group_of, rank_groups, search_schedule
 
 
 @pytest.mark.parametrize("name, group", [
@@ -31,6 +31,24 @@ def test_rank_puts_free_layers_first_then_accuracy_per_millisecond():
     cost = {"a": 0.1, "b": 2.0, "c": 0.1, "free": -1.0, "free2": -0.8}
     # free layers by sensitivity, then c (0.2 per ms), a (0.1 per ms), b (0.02 per ms)
     assert rank_groups(sensitivity, cost) == ["free2", "free", "c", "a", "b"]
+
+
+def test_free_means_faster_by_a_share_of_the_whole_graph():
+    # On a large graph a 0.01 ms gain is profiler noise; on a tiny one it is a real share.
+    large = {"conv": 20.0, "head": 10.0, "noise": -0.01, "first": -1.5}
+    assert free_groups(large) == {"first"}
+    tiny = {"mm1": 0.2, "mm2": 0.2, "attn": -0.05, "norm": 0.0}
+    assert free_groups(tiny) == {"attn"}
+    assert free_groups({"a": 1.0, "b": 2.0}) == set()
+
+
+def test_rank_puts_not_slower_layers_right_after_the_free_ones():
+    # Both sets the search tries when INT8 already meets the budget are prefixes of the order.
+    sensitivity = {"conv": 0.05, "head": 0.01, "noise": 0.02, "first": 0.001, "cheap": 0.03}
+    cost = {"conv": 20.0, "head": 10.0, "noise": -0.01, "first": -1.5, "cheap": 0.0}
+    order = rank_groups(sensitivity, cost)
+    assert order[:1] == ["first"] and order[:2] == ["first", "noise"]
+    assert order[2:] == ["cheap", "conv", "head"]  # the zero cost counts as the floor, not as zero
 
 
 def test_schedule_doubles_until_within_budget_then_bisects():

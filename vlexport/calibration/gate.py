@@ -50,6 +50,7 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
     from vlexport.calibration.quantize import CPU_OP_TYPES, quantize_int8, quantized_node_names
     from vlexport.calibration.search import (
         SearchPoint,
+        free_groups,
         group_costs,
         group_of,
         local_errors,
@@ -129,11 +130,15 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
                                   exclude_nodes=excluded, target=target, calibration=info.get("calibration"))
                 return measure(scratch / "candidate.onnx", list(q.excluded_nodes), k).passed
 
-            free = sum(1 for g in order if cost.get(g, 0.0) < 0 and measured)
+            costs = {g: cost.get(g, 0.0) for g in order}
+            free = len(free_groups(costs)) if measured else 0
+            not_slower = sum(1 for c in costs.values() if c < 0) if measured else 0
+            search.update(free_layers=free, not_slower_layers=not_slower)
             if first.passed:
-                # Within budget already: keeping the layers whose float kernels are faster costs nothing.
-                if free and prec.max_gate_rounds > 0:
-                    point(free)
+                # Within budget already: keeping the layers whose float kernels are faster should
+                # cost nothing; both prefixes are measured (the island borders are not estimated).
+                for k in list(dict.fromkeys(k for k in (free, not_slower) if k))[: prec.max_gate_rounds]:
+                    point(k)
             else:
                 search_schedule(len(order), point, prec.max_gate_rounds)
     finally:

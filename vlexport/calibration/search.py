@@ -38,14 +38,15 @@ import onnx
 
 log = logging.getLogger("vlexport")
 
-__all__ = ["group_of", "local_errors", "group_costs", "rank_groups", "measure_latency", "SearchPoint",
+__all__ = ["group_of", "local_errors", "group_costs", "free_groups", "rank_groups", "measure_latency", "SearchPoint",
            "search_schedule"]
 
 # Module names of the leaf layers inside a block: a node "/m.0/cv1/conv/Conv" belongs to "/m.0/cv1".
 _LEAF_MODULES = {"conv", "act", "bn", "norm", "proj", "fc", "linear"}
-# Free groups: keeping them float must save at least this much kernel time (ms) to count as
-# faster, since the Q/DQ and layout changes at a float island's borders are not in the estimate.
-_FREE_MS = 0.5
+# Free groups: keeping them float must save at least this share of all the groups' cost
+# magnitudes to count as faster (0.3 ms on YOLOv8n, 0.01 ms on a tiny SCLIP), since the Q/DQ and
+# layout changes at a float island's borders are not in the estimate.
+_FREE_FRACTION = 0.01
 
 
 def group_of(node_name: str) -> str:
@@ -124,14 +125,30 @@ def group_costs(fp32_path: Path, int8_path: Path, feed: dict[str, np.ndarray], g
     return {g: fp32.get(g, 0.0) - int8.get(g, 0.0) for g in groups}
 
 
+def _free_margin(cost: dict[str, float]) -> float:
+    return _FREE_FRACTION * sum(abs(c) for c in cost.values())
+
+
+def free_groups(cost: dict[str, float]) -> set[str]:
+    """The groups whose float kernels are clearly faster than their integer ones (by a margin
+    relative to the whole graph's costs, see ``_FREE_FRACTION``): keeping them float is free."""
+    margin = _free_margin(cost)
+    return {g for g, c in cost.items() if c < 0 and -c >= margin}
+
+
 def rank_groups(sensitivity: dict[str, float], cost: dict[str, float]) -> list[str]:
-    """Groups in the order the search keeps them float: the free ones (float is faster) most
-    sensitive first, then by sensitivity per millisecond of float cost."""
-    free = [g for g in sensitivity if cost.get(g, 0.0) <= -_FREE_MS]
-    rest = [g for g in sensitivity if g not in set(free)]
-    free.sort(key=lambda g: -sensitivity[g])
-    rest.sort(key=lambda g: -sensitivity[g] / max(cost.get(g, 0.0), _FREE_MS))
-    return free + rest
+    """Groups in the order the search keeps them float: the free ones (float clearly faster),
+    then the other groups whose float kernels are not slower (both most sensitive first), then
+    the rest by sensitivity per millisecond of float cost. So the first ``len(free_groups)`` and
+    the first ``count(cost < 0)`` groups are both prefixes of the order."""
+    cost = {g: cost.get(g, 0.0) for g in sensitivity}
+    free_set = free_groups(cost)
+    by_sensitivity = sorted(sensitivity, key=lambda g: -sensitivity[g])
+    free = [g for g in by_sensitivity if g in free_set]
+    not_slower = [g for g in by_sensitivity if g not in free_set and cost[g] < 0]
+    floor = max(_free_margin(cost), 1e-6)  # a near-zero cost must not make a group look infinitely cheap
+    rest = sorted((g for g in sensitivity if cost[g] >= 0), key=lambda g: -sensitivity[g] / max(cost[g], floor))
+    return free + not_slower + rest
 
 
 def measure_latency(fp32_path: Path, int8_path: Path, feed: dict[str, np.ndarray], *, threads: int = 2,

@@ -181,7 +181,8 @@ def calibration_frames(
 
     ``source``: an image folder (searched recursively), one image, a video file (frames evenly
     spaced, the seed shifting their phase), a YOLO dataset (data.yaml — its ``split``, by default
-    ``train`` — or a folder with images/ and labels/) or a COCO annotation JSON (its images).
+    ``train`` — or a folder with images/ and labels/), a COCO annotation JSON (its images) or a
+    segmentation dataset (a semantic.yaml naming its masks, or a folder of VOC pairs: its images).
     ``exclude``: image paths to leave out (compared resolved), e.g. the evaluation images, so a
     model is never scored on the images that calibrated it. ``purpose`` names what the frames are
     for in messages (see :func:`parity_frames`).
@@ -194,6 +195,9 @@ def calibration_frames(
     if not src.exists():
         raise SourceError(f"{purpose} source not found: {src}; {_hint()}")
     excluded = {str(Path(p).resolve()) for p in exclude} if exclude else set()
+    segmentation = _segmentation_images(src)
+    if segmentation is not None:
+        return _image_set(segmentation, int(count), seed, excluded, "segmentation", src, purpose)
     kind = dataset_kind(src)
     if kind is not None:
         kind, paths = dataset_images(src, split=split)
@@ -211,6 +215,21 @@ def calibration_frames(
     if suffix in VIDEO_EXTENSIONS:
         return _video_set(src, int(count), seed, purpose)
     raise UsageError(f"{src} is not a {purpose} source: {_hint()}")
+
+
+def _segmentation_images(src: Path) -> list[Path] | None:
+    """The images of a segmentation dataset (without its masks), or None when ``src`` is none."""
+    from vlexport.data.yolo_files import YAML_SUFFIXES, parse_yaml_text
+
+    if src.is_file() and src.suffix.lower() in YAML_SUFFIXES:
+        data = parse_yaml_text(src.read_text(encoding="utf-8", errors="replace"), src)
+        if not (isinstance(data, dict) and ("masks" in data or "classes" in data)):
+            return None  # a detection data.yaml (its classes are "names")
+    elif not (src.is_dir() and any(src.glob("*_target.png"))):
+        return None
+    from vlexport.data.segmentation import load_segmentation_dataset
+
+    return [image for image, _ in load_segmentation_dataset(src).items]
 
 
 def parity_frames(source: str | Path, count: int, seed: int = 0) -> CalibrationSet:
