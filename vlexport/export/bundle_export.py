@@ -310,11 +310,16 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
             elif prec.val and _is_labelled(plan.task, prec.val):
                 from vlexport.calibration.gate import GateRefused, run_accuracy_gate
 
+                def searched() -> dict[str, Any]:
+                    return {k: v["search"] for k, v in extra.get("int8", {}).items() if "search" in v}
+
                 try:
                     # The gate reads the manifest as JSON data and stages it with writer.provisional().
                     metrics, gate_rounds = run_accuracy_gate(writer, manifest.to_dict(), plan, prec, extra["int8"],
                                                              calib)
+                    search_info = searched()
                 except GateRefused as e:
+                    search_info = searched()  # a refused INT8 keeps its search on record too
                     if prec.strict:
                         raise
                     # Like any lower precision that cannot pass: the others are written, INT8 is refused.
@@ -325,7 +330,6 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 manifest.calibration.extra["excluded_nodes"] = {k: v["excluded_nodes"]
                                                                 for k, v in extra.get("int8", {}).items()}
                 manifest.validation.extra["metrics"] = metrics
-                search_info = {k: v["search"] for k, v in extra.get("int8", {}).items() if "search" in v}
                 manifest.validation.extra["gate"] = {"data": prec.val, "max_drop": prec.max_drop,
                                                      "target": prec.int8_target, "rounds": gate_rounds,
                                                      **(next(iter(search_info.values())) if search_info else {})}
