@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vlexport.calibration.profile import INTEGER_OPS, optimized_op_counts, profile_graph
-from vlexport.calibration.qdq_passes import drop_round_trips
+from vlexport.calibration.qdq_passes import drop_round_trips, integer_reductions, tail_inputs
 from vlexport.calibration.quantize import decoding_tail, quantize_int8
 from vlexport.errors import SourceError
 
@@ -89,6 +89,25 @@ def cpu_graph(yolo_like, tmp_path_factory) -> Path:
 
 def test_decoding_tail_is_what_follows_the_last_convolution(yolo_like):
     assert decoding_tail(yolo_like) == ["flatten", "best", "score"]
+
+
+def test_auto_ranges_keep_the_decodings_inputs_whole(yolo_like, tmp_path, monkeypatch):
+    # The head's logits feed the float decoding: their rare high values are the best scores, so
+    # `auto` never clips them. Here every tensor's histogram "prefers" a clip to its top half, so
+    # all the inner tensors take it and only the decoding's input keeps min-max.
+    from vlexport.calibration import ranges
+
+    assert tail_inputs(onnx.load(str(yolo_like)), ["Conv"]) == {"logits"}
+
+    def clip_top_half(h, **_):
+        return ranges.RangeChoice(h.lowest, (h.lowest + h.highest) / 2, "percentile:50", 0.0, 1.0)
+
+    monkeypatch.setattr(ranges, "choose_range", clip_top_half)
+    feeds = _feeds(8, 0)
+    auto = quantize_int8(yolo_like, tmp_path / "auto.onnx", feeds, method="auto", target="cpu").calibration
+    minmax = quantize_int8(yolo_like, tmp_path / "mm.onnx", feeds, method="minmax", target="cpu").calibration
+    assert "logits" not in auto.choices and auto.ranges["logits"] == pytest.approx(minmax.ranges["logits"])
+    assert {"c1", "c3", "pool"} <= set(auto.choices)
 
 
 def test_decoding_tail_keeps_weighted_matmuls_in_the_body():
@@ -193,6 +212,37 @@ def test_drop_round_trips_removes_only_identity_pairs(tmp_path):
     onnx.save(model, str(after))
     x = {"x": np.array([0.0, 0.13, -0.2, 5.0], np.float32)}
     for a, b in zip(ort.InferenceSession(str(before)).run(None, x), ort.InferenceSession(str(after)).run(None, x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_integer_reductions_are_exact_and_skip_per_channel_scales(tmp_path):
+    # Class maps [1, 5, 2, 3] as uint8 codes; the best class per cell from the codes themselves.
+    scale = numpy_helper.from_array(np.array(0.25, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(7, np.uint8), "z")
+    per_channel = numpy_helper.from_array(np.array([0.1, 0.3, 0.2, 0.5, 0.4], np.float32), "sc")
+    zeros = numpy_helper.from_array(np.full(5, 7, np.uint8), "zc")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    nodes = [
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"], name="dq"),
+        helper.make_node("ReduceMax", ["x", "axes"], ["best"], name="max", keepdims=0),
+        helper.make_node("ArgMax", ["x"], ["which"], name="argmax", axis=1, keepdims=0),
+        helper.make_node("DequantizeLinear", ["xq", "sc", "zc"], ["xc"], name="dq_channels", axis=1),
+        helper.make_node("ReduceMax", ["xc", "axes"], ["best_c"], name="max_c", keepdims=0),
+    ]
+    out = [helper.make_tensor_value_info(n, t, [1, 2, 3]) for n, t in
+           (("best", TensorProto.FLOAT), ("which", TensorProto.INT64), ("best_c", TensorProto.FLOAT))]
+    graph = helper.make_graph(nodes, "red", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [1, 5, 2, 3])], out,
+                              [scale, zero, per_channel, zeros, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    before = model.SerializeToString()
+    assert integer_reductions(model) == 1  # the per-channel one is left alone: its codes do not order the values
+    onnx.checker.check_model(model)
+    by_name = {n.name: n for n in model.graph.node}
+    assert "dq" not in by_name and by_name["argmax"].input[0] == "xq" and by_name["max"].input[0] == "xq"
+    assert by_name["max_c"].input[0] == "xc"
+    xq = {"xq": np.random.default_rng(0).integers(0, 256, (1, 5, 2, 3), dtype=np.uint8)}
+    for a, b in zip(ort.InferenceSession(before).run(None, xq), ort.InferenceSession(model.SerializeToString()).run(None, xq)):
         np.testing.assert_array_equal(a, b)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-__all__ = ["tail_after_weighted", "drop_round_trips", "restore_float_inputs", "prune_unused_qdq"]
+__all__ = ["tail_after_weighted", "tail_inputs", "drop_round_trips", "integer_reductions", "restore_float_inputs", "prune_unused_qdq"]
 
 
 def tail_after_weighted(m: onnx.ModelProto, weighted_ops: Sequence[str]) -> list[str]:
@@ -41,6 +41,16 @@ def tail_after_weighted(m: onnx.ModelProto, weighted_ops: Sequence[str]) -> list
         feeds_body[node.name] = any(weighted(c) or feeds_body.get(c.name, False)
                                     for t in node.output for c in consumers.get(t, []))
     return [n.name for n in m.graph.node if not feeds_body[n.name] and not weighted(n)]
+
+
+def tail_inputs(m: onnx.ModelProto, weighted_ops: Sequence[str]) -> set[str]:
+    """The tensors the tail (:func:`tail_after_weighted`) reads from the body: where a float
+    decoding takes over from the quantised layers (a detector's class and box maps)."""
+    tail = set(tail_after_weighted(m, weighted_ops))
+    produced_in_tail = {o for n in m.graph.node if n.name in tail for o in n.output}
+    body_outputs = {o for n in m.graph.node if n.name not in tail for o in n.output}
+    return {t for n in m.graph.node if n.name in tail for t in n.input
+            if t in body_outputs and t not in produced_in_tail}
 
 
 def drop_round_trips(model: onnx.ModelProto) -> int:
@@ -83,6 +93,46 @@ def drop_round_trips(model: onnx.ModelProto) -> int:
                 node.input[k] = rename[name]
     prune_unused_qdq(graph)
     return len(rename)
+
+
+def integer_reductions(model: onnx.ModelProto) -> int:
+    """Let ``ReduceMax``/``ArgMax`` read the integers a DequantizeLinear would turn into floats.
+
+    A per-tensor dequantisation with a positive scale is monotonic, so the maximum of the
+    dequantised values is the dequantised maximum and the index of the maximum is the same:
+    ``ArgMax(DQ(q)) = ArgMax(q)``, ``ReduceMax(DQ(q)) = DQ(ReduceMax(q))``, exactly. A detector's
+    best class per anchor then reduces uint8 codes (a quarter of the bytes, and onnxruntime's
+    layout optimiser can keep the channels-last tensor) and dequantises one value per anchor.
+    Applies where every reader of the DequantizeLinear is such a reduction. Returns how many
+    DequantizeLinear nodes were moved behind their reductions.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    outputs = {o.name for o in graph.output}
+    moved = 0
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        users = readers.get(dq.output[0], [])
+        if not users or dq.output[0] in outputs or any(u.op_type not in ("ReduceMax", "ArgMax") for u in users):
+            continue
+        scale = onnx.numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
+        if scale is None or scale.size != 1 or float(scale.ravel()[0]) <= 0:
+            continue  # per-channel or unknown scale: the order across channels is not the codes' order
+        for u in users:
+            u.input[0] = dq.input[0]
+            if u.op_type == "ReduceMax":
+                reduced = u.output[0] + "_q"
+                after = onnx.helper.make_node("DequantizeLinear", [reduced, *dq.input[1:]], [u.output[0]],
+                                              name=u.name + "_dq", **{a.name: onnx.helper.get_attribute_value(a)
+                                                                      for a in dq.attribute})
+                u.output[0] = reduced
+                graph.node.insert(list(graph.node).index(u) + 1, after)
+        graph.node.remove(dq)
+        moved += 1
+    return moved
 
 
 def prune_unused_qdq(graph: onnx.GraphProto) -> None:

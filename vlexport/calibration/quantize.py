@@ -51,7 +51,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
 
-from vlexport.calibration.qdq_passes import drop_round_trips, restore_float_inputs, tail_after_weighted
+from vlexport.calibration.qdq_passes import (drop_round_trips, integer_reductions, restore_float_inputs,
+                                             tail_after_weighted, tail_inputs)
 from vlexport.errors import ExportError, SourceError, UsageError
 
 __all__ = [
@@ -357,7 +358,15 @@ def calibrate(model_path: Path, inputs: Sequence[dict[str, np.ndarray]], method:
     if method == "auto":
         log.info("calibrating (auto): histograms of %d tensors", len(ranges))
         hists = collect_histograms(model_path, inputs, ranges)
+        # What the float decoding reads keeps its whole range: no later layer absorbs a clipped
+        # tail there, and a detector's rare high class logits are that tail (its best scores).
+        graph = onnx.load(str(model_path), load_external_data=False)
+        if not all(n.name for n in graph.graph.node):
+            _name_nodes(graph)
+        full_range = tail_inputs(graph, DEFAULT_OP_TYPES) if target == "cpu" else set()
         for t, h in hists.items():
+            if t in full_range:
+                continue
             c = choose_range(h, symmetric=symmetric, levels=255 if not symmetric else 254)
             ranges[t] = (c.lowest, c.highest)
             if c.method != "minmax":
@@ -483,6 +492,7 @@ def quantize_int8(
         changed = bool(exclude) and restore_float_inputs(quantized, set(exclude))
         if target == "cpu":
             changed = drop_round_trips(quantized) > 0 or changed
+            changed = integer_reductions(quantized) > 0 or changed
         if changed:
             _save(quantized, staged)
         try:

@@ -112,7 +112,10 @@ class YoloDetectorGraph(nn.Module):
     """Export wrapper: image → (boxes xyxy, best class score, class id) from the Detect head.
 
     The best score is ``sigmoid(max_c logit_c)`` (sigmoid is monotonic, so the max is taken on
-    the logits and only one sigmoid per anchor is computed).
+    the logits and only one sigmoid per anchor is computed). The max runs per level on the class
+    branch's own ``[B, C, H, W]`` output, before the levels are joined: no copy of the class maps,
+    and in the cpu-target INT8 graph it reduces the uint8 codes along onnxruntime's channels-last
+    layout (:func:`vlexport.calibration.qdq_passes.integer_reductions`).
     """
 
     def __init__(self, backbone: nn.Module):
@@ -123,8 +126,9 @@ class YoloDetectorGraph(nn.Module):
         feats = self.backbone(images)
         boxes = self.backbone.box_regression(feats)
         head = self.backbone.detect
-        logits = torch.cat([head.cv3[i](f).flatten(2) for i, f in enumerate(feats)], 2)  # [B, nc, N]
-        top, class_ids = logits.max(dim=1)
+        best = [head.cv3[i](f).max(dim=1) for i, f in enumerate(feats)]  # per level: [B, H, W] twice
+        top = torch.cat([v.flatten(1) for v, _ in best], 1)  # [B, N], levels in order, cells row-major
+        class_ids = torch.cat([k.flatten(1) for _, k in best], 1)
         return boxes, torch.sigmoid(top), class_ids.to(torch.int32)
 
     def reference(self, images: torch.Tensor):
