@@ -355,15 +355,16 @@ def calibrate(model_path: Path, inputs: Sequence[dict[str, np.ndarray]], method:
     ranges = {t: (float(np.asarray(d.range_value[0]).ravel()[0]), float(np.asarray(d.range_value[1]).ravel()[0]))
               for t, d in data.items()}
     choices: dict[str, str] = {}
+    # The graph's structure (no weights), read once for the cpu target's decoding and Concat ties.
+    structure = _load(model_path, load_weights=False) if target == "cpu" else None
+    if structure is not None:
+        _name_nodes(structure)  # the decoding is found by node name
     if method == "auto":
         log.info("calibrating (auto): histograms of %d tensors", len(ranges))
         hists = collect_histograms(model_path, inputs, ranges)
         # What the float decoding reads keeps its whole range: no later layer absorbs a clipped
         # tail there, and a detector's rare high class logits are that tail (its best scores).
-        graph = onnx.load(str(model_path), load_external_data=False)
-        if not all(n.name for n in graph.graph.node):
-            _name_nodes(graph)
-        full_range = tail_inputs(graph, DEFAULT_OP_TYPES) if target == "cpu" else set()
+        full_range = tail_inputs(structure, DEFAULT_OP_TYPES) if structure is not None else set()
         for t, h in hists.items():
             if t in full_range:
                 continue
@@ -371,7 +372,7 @@ def calibrate(model_path: Path, inputs: Sequence[dict[str, np.ndarray]], method:
             ranges[t] = (c.lowest, c.highest)
             if c.method != "minmax":
                 choices[t] = c.method
-    tied = tie_ranges(onnx.load(str(model_path), load_external_data=False), ranges) if target == "cpu" else 0
+    tied = tie_ranges(structure, ranges) if structure is not None else 0
     return Calibration(method, ranges, choices, tied)
 
 
