@@ -11,8 +11,12 @@ from typing import Callable
 
 
 def interleaved_latency(contenders: dict[str, Callable[[], object]], *, warmup: int = 5, rounds: int = 10,
-                        per_round: int = 5) -> dict[str, dict[str, float]]:
+                        per_round: int = 5, settle: int = 1) -> dict[str, dict[str, float]]:
     """Time each callable in alternating rounds so that machine noise hits all of them alike.
+
+    Each round starts every contender with ``settle`` untimed calls: the first call after another
+    contender's is slower (its threads still spin, the caches hold its data), which penalises the
+    fastest contender most, while a deployed model runs back to back.
 
     Returns per contender: median, p90, min and mean latency in milliseconds over all runs, and
     the median of each round (for :func:`paired_ratio`).
@@ -24,6 +28,8 @@ def interleaved_latency(contenders: dict[str, Callable[[], object]], *, warmup: 
     by_round: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            for _ in range(settle):
+                fn()
             for _ in range(per_round):
                 t = time.perf_counter()
                 fn()
@@ -70,3 +76,13 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
     print(fmt.format(*["-" * w for w in widths]))
     for r in rows:
         print(fmt.format(*r))
+
+
+def image_feed(backend, tensor):
+    """The image feed ``backend`` runs fastest: the pre-processed float ``tensor``, or its uint8
+    codes when the graph's image input is quantised (the cpu target's INT8 graph takes pixels), so
+    that no contender's timing includes a conversion the runtime would not do."""
+    from vlexport.runtime.backends.onnxruntime import quantize_feed
+
+    q = getattr(backend, "quantized_inputs", {}).get("images")
+    return {"images": quantize_feed(tensor, *q) if q else tensor}

@@ -91,7 +91,7 @@ def int8_figures(bundle: Path, rounds: int, assets: Path) -> dict:
     """The bundle's FP32 and INT8 detector timed interleaved on bus.jpg, and its search's points."""
     import cv2
 
-    from _common import interleaved_latency, paired_ratio
+    from _common import image_feed, interleaved_latency, paired_ratio
     from vlexport.runtime.backends.onnxruntime import OrtBackend
     from vlexport.runtime.bundle import Bundle
     from vlexport.runtime.preprocess import Preprocessor
@@ -100,7 +100,8 @@ def int8_figures(bundle: Path, rounds: int, assets: Path) -> dict:
     x = {"images": Preprocessor(b.preprocess)(cv2.imread(str(assets / "images" / "bus.jpg")))[0]}
     backends = {p: OrtBackend(bundle / f, providers=["CPUExecutionProvider"], threads=2)
                 for p, f in (("fp32", "detector.onnx"), ("int8", "detector.int8.onnx"))}
-    lat = interleaved_latency({k: (lambda be=be: be.infer(x)) for k, be in backends.items()}, rounds=rounds)
+    feeds = {k: image_feed(be, x["images"]) for k, be in backends.items()}
+    lat = interleaved_latency({k: (lambda be=be, f=feeds[k]: be.infer(f)) for k, be in backends.items()}, rounds=rounds)
     manifest = json.loads((bundle / "manifest.json").read_text())
     gate = manifest.get("validation", {}).get("gate", {})
     chosen = next((r for r in gate.get("rounds", []) if r.get("chosen")), {})

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_latency, machine_info, print_table, write_json  # noqa: E402
+from _common import image_feed, interleaved_latency, machine_info, print_table, write_json  # noqa: E402
 
 
 def export_yolo_bundle(out: Path, assets: Path) -> Path:
@@ -53,8 +53,8 @@ def main() -> None:
         tasks = {p: load(bundle, precision=p, threads=args.threads, backend="onnxruntime") for p in precisions}
         image = cv2.imread(str(assets / "images" / "bus.jpg"))
         x, _ = Preprocessor(Bundle.open(bundle).preprocess)(image)
-        feeds = {"images": x}
-        res = interleaved_latency({f"onnxruntime cpu {p}": (lambda t=t: t.backend.infer(feeds)) for p, t in tasks.items()},
+        feeds = {p: image_feed(t.backend, x) for p, t in tasks.items()}
+        res = interleaved_latency({f"onnxruntime cpu {p}": (lambda t=t, f=feeds[p]: t.backend.infer(f)) for p, t in tasks.items()},
                                   rounds=args.rounds)
     base = res["onnxruntime cpu fp32"]["median_ms"]
     rows = [[k, f"{v['median_ms']:.2f}", f"{v['p90_ms']:.2f}", f"{v['median_ms'] / base:.2f}x"] for k, v in res.items()]

@@ -12,6 +12,7 @@ random data when the input is not an image. Prints one table and the slowest nod
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,7 +37,13 @@ def _feeds(path: Path, image: Path | None) -> dict[str, np.ndarray]:
 
             pre = Preprocessor({"size": [shape[2], shape[3]], "resize": "letterbox", "pad_value": 114,
                                 "color": "RGB", "scale": 1 / 255.0, "mean": [0, 0, 0], "std": [1, 1, 1]})
-            feeds[arg.name] = pre(cv2.imread(str(image)))[0]
+            x = pre(cv2.imread(str(image)))[0]
+            if arg.type == "tensor(uint8)":  # the cpu target's pixel input: the graph's own codes
+                from vlexport.runtime.backends.onnxruntime import QUANTIZED_INPUTS_KEY, quantize_feed
+
+                q = json.loads(sess.get_modelmeta().custom_metadata_map.get(QUANTIZED_INPUTS_KEY, "{}"))[arg.name]
+                x = quantize_feed(x, q["scale"], q["zero_point"])
+            feeds[arg.name] = x
         else:
             feeds[arg.name] = np.random.default_rng(0).random(shape, dtype=np.float32)
     return feeds

@@ -8,7 +8,14 @@ import pytest
 from onnx import TensorProto, helper
 
 from vlexport.calibration.ranges import TensorHistogram, choose_range, tie_ranges
-from vlexport.calibration.search import SearchPoint, free_groups, group_of, rank_groups, search_schedule
+from vlexport.calibration.search import (
+    SearchPoint,
+    free_groups,
+    group_of,
+    paired_latency_ratios,
+    rank_groups,
+    search_schedule,
+)
 
 
 @pytest.mark.parametrize("name, group", [
@@ -114,3 +121,25 @@ def test_concat_inputs_output_and_data_movement_share_one_range():
     # A member that would lose more than 2 bits keeps its own range.
     far = {"ra": (0.0, 0.5), "b": (-1.0, 3.0), "cat": (-1.0, 3.0), "r": (-1.0, 3.0)}
     assert tie_ranges(_concat_model(), far) == 0 and far["ra"] == (0.0, 0.5)
+
+
+def _matmul_chain(path, n: int) -> None:
+    """A graph of ``n`` chained 256x256 MatMuls: its run time grows with ``n``."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [256, 256], np.eye(256, dtype=np.float32).ravel().tolist())
+    nodes = [helper.make_node("MatMul", ["x" if k == 0 else f"h{k}", "w"], [f"h{k + 1}" if k < n - 1 else "y"])
+             for k in range(n)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 256])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_paired_ratios_rank_graphs_timed_in_one_run(tmp_path):
+    """One ratio per candidate, in order, against the first graph: 40x the work is clearly slower."""
+    base, same, heavy = tmp_path / "base.onnx", tmp_path / "same.onnx", tmp_path / "heavy.onnx"
+    _matmul_chain(base, 1)
+    _matmul_chain(same, 1)
+    _matmul_chain(heavy, 40)
+    feed = {"x": np.ones((256, 256), np.float32)}
+    ratios = paired_latency_ratios(base, [heavy, same], feed, threads=1, rounds=4, runs=3, warmup=1)
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    assert ratios[0] > 4 * ratios[1]

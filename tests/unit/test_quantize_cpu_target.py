@@ -259,3 +259,48 @@ def test_profile_graph_reports_integer_kernels_and_time_per_op(yolo_like, cpu_gr
     json.dumps(int8.to_dict())
     with pytest.raises(SourceError, match="ONNX model not found"):
         profile_graph(cpu_graph.parent / "missing.onnx", feed)
+
+
+def _upsampling_graph(mode: str = "nearest", out_scale: float = 0.25) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.array(0.25, np.float32), "s"),
+             numpy_helper.from_array(np.array(out_scale, np.float32), "s_out"),
+             numpy_helper.from_array(np.array(9, np.uint8), "z"),
+             numpy_helper.from_array(np.array([1, 1, 2, 3], np.float32), "scales")]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"], name="dq"),
+        helper.make_node("Resize", ["x", "", "scales"], ["up"], name="up", mode=mode,
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("QuantizeLinear", ["up", "s_out", "z"], ["upq"], name="q"),
+        helper.make_node("DequantizeLinear", ["upq", "s_out", "z"], ["y"], name="dq_out"),
+    ]
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [1, 4, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 10, 18])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def test_integer_upsampling_repeats_the_codes_exactly():
+    from vlexport.calibration.qdq_passes import integer_upsampling
+
+    model = _upsampling_graph()
+    before = model.SerializeToString()
+    assert integer_upsampling(model) == 1
+    onnx.checker.check_model(model)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["Resize"] == 0 and ops["QuantizeLinear"] == 0 and ops["Concat"] == 2
+    assert "scales" not in {i.name for i in model.graph.initializer}
+    xq = {"xq": np.random.default_rng(0).integers(0, 256, (1, 4, 5, 6), dtype=np.uint8)}
+    want = ort.InferenceSession(before).run(None, xq)[0]
+    got = ort.InferenceSession(model.SerializeToString()).run(None, xq)[0]
+    assert got.shape == (1, 4, 10, 18)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("mode, out_scale", [("linear", 0.25), ("nearest", 0.5)])
+def test_integer_upsampling_leaves_interpolation_and_requantisation_alone(mode, out_scale):
+    from vlexport.calibration.qdq_passes import integer_upsampling
+
+    model = _upsampling_graph(mode, out_scale)
+    assert integer_upsampling(model) == 0
+    assert [n.op_type for n in model.graph.node].count("Resize") == 1

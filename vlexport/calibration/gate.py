@@ -4,8 +4,8 @@ The task metric (mAP50-95 for detectors, mIoU for semantic segmenters, foregroun
 binary ones: :mod:`vlexport.calibration.gate_metrics`) is measured on the ``--val`` images the
 calibration did not use. When INT8 loses more, or when keeping some layers in float is both
 faster and more accurate, the precision search (:mod:`vlexport.calibration.search`) chooses which
-layers stay float by measured sensitivity and measured latency, and the lowest-latency point
-within budget is written. Every point it measured goes to the manifest
+layers stay float by measured sensitivity and measured latency; the points within budget are
+timed again side by side in one run and the lowest-latency one is written. Every point it measured goes to the manifest
 (``validation.gate.rounds``; ``vlexport inspect --plot`` draws them). When no point is within
 budget the gate refuses INT8 and says so with the figures.
 """
@@ -55,6 +55,7 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
         group_of,
         local_errors,
         measure_latency,
+        paired_latency_ratios,
         rank_groups,
         search_schedule,
     )
@@ -154,9 +155,30 @@ def run_accuracy_gate(writer, manifest: dict[str, Any], plan, prec, int8_info: d
             f"{m32:.4f}), over --max-drop {prec.max_drop}, after {len(points) - 1} search round(s) ({table}); "
             "raise --max-drop, try another --calib-method or more --calib-size",
             {**metrics, "int8": best.extra["_figures"]}, _records(points))
+    if measured and len(passed) > 1:
+        # The in-loop ratios were timed minutes apart; the final choice compares the candidates in
+        # one interleaved run, where the machine's drift cancels.
+        bar = tqdm(total=1, desc=f"INT8 search: timing the {len(passed)} points within budget side by side",
+                   unit="run", leave=False)
+        try:
+            ratios = paired_latency_ratios(fp32_path, [Path(p.extra["_file"]) for p in passed], feeds[0],
+                                           threads=threads)
+            bar.update(1)
+        finally:
+            bar.close()
+        for p, r in zip(passed, ratios):
+            p.extra["paired_latency_ratio"] = r
+        search["final_timing"] = f"{len(passed)} points within budget and FP32 side by side, 10 rounds of 5 runs"
+        log.info("search: the points within budget timed side by side: %s",
+                 ", ".join(f"round {p.round} {r:.3f}x" for p, r in zip(passed, ratios)))
+
+    def ratio(p: SearchPoint) -> float:
+        r = p.extra.get("paired_latency_ratio", p.latency_ratio)
+        return r if r is not None else 0.0
+
     # The ratio, not the milliseconds: each point's INT8 and FP32 were timed side by side, so a
     # slower machine during one point does not make it look worse than another.
-    chosen = min(passed, key=lambda p: (p.latency_ratio if p.latency_ratio is not None else 0.0, p.excluded_groups))
+    chosen = min(passed, key=lambda p: (ratio(p), p.excluded_groups))
     chosen.chosen = True
     os.replace(chosen.extra["_file"], int8_path)
     shutil.rmtree(scratch, ignore_errors=True)

@@ -51,8 +51,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
 
-from vlexport.calibration.qdq_passes import (drop_round_trips, integer_reductions, restore_float_inputs,
-                                             tail_after_weighted, tail_inputs)
+from vlexport.calibration.qdq_passes import (drop_round_trips, integer_reductions, integer_upsampling,
+                                             restore_float_inputs, tail_after_weighted, tail_inputs)
 from vlexport.errors import ExportError, SourceError, UsageError
 
 __all__ = [
@@ -494,6 +494,7 @@ def quantize_int8(
         if target == "cpu":
             changed = drop_round_trips(quantized) > 0 or changed
             changed = integer_reductions(quantized) > 0 or changed
+            changed = integer_upsampling(quantized) > 0 or changed
         if changed:
             _save(quantized, staged)
         try:

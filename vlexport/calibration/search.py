@@ -18,8 +18,10 @@ The groups are ranked greedily by accuracy gained per millisecond lost (free gro
 the search measures points along that ranking: the task metric on held-out images and the
 latency (INT8 and FP32 timed interleaved, so machine drift cancels in the ratio), doubling the
 number of float groups until the metric is within budget, then bisecting back towards fewer
-float groups. Of the points within budget, the one with the lowest measured latency wins.
-Every explored point is returned (the manifest records them; ``vlexport inspect --plot`` draws
+float groups. The points within budget are then timed again side by side in one run, FP32 and
+every candidate interleaved round by round (:func:`paired_latency_ratios`): points measured
+minutes apart differ by the machine's drift (5-20 % on a shared 2-core machine), more than
+two candidates usually do. The lowest paired ratio wins. Every explored point is returned (the manifest records them; ``vlexport inspect --plot`` draws
 them). numpy, onnx and onnxruntime only.
 """
 
@@ -38,8 +40,8 @@ import onnx
 
 log = logging.getLogger("vlexport")
 
-__all__ = ["group_of", "local_errors", "group_costs", "free_groups", "rank_groups", "measure_latency", "SearchPoint",
-           "search_schedule"]
+__all__ = ["group_of", "local_errors", "group_costs", "free_groups", "rank_groups", "measure_latency",
+           "paired_latency_ratios", "SearchPoint", "search_schedule"]
 
 # Module names of the leaf layers inside a block: a node "/m.0/cv1/conv/Conv" belongs to "/m.0/cv1".
 _LEAF_MODULES = {"conv", "act", "bn", "norm", "proj", "fc", "linear"}
@@ -151,27 +153,55 @@ def rank_groups(sensitivity: dict[str, float], cost: dict[str, float]) -> list[s
     return free + not_slower + rest
 
 
-def measure_latency(fp32_path: Path, int8_path: Path, feed: dict[str, np.ndarray], *, threads: int = 2,
-                    rounds: int = 15, warmup: int = 3) -> tuple[float, float]:
-    """Median milliseconds of (INT8, FP32), timed alternately on onnxruntime's CPU provider with the
-    runtime's session options, so that a change of machine speed affects both alike."""
+def _sessions(paths: Sequence[Path], threads: int) -> list[Any]:
     import onnxruntime as ort
 
     from vlexport.calibration.profile import _session_options
     from vlexport.runtime.backends.onnxruntime import DISABLED_OPTIMIZERS
 
-    sessions = [ort.InferenceSession(str(p), _session_options(ort, threads), providers=["CPUExecutionProvider"],
-                                     disabled_optimizers=list(DISABLED_OPTIMIZERS)) for p in (int8_path, fp32_path)]
-    times: list[list[float]] = [[], []]
+    return [ort.InferenceSession(str(p), _session_options(ort, threads), providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(DISABLED_OPTIMIZERS)) for p in paths]
+
+
+def _round_medians(sessions: Sequence[Any], feed: dict[str, np.ndarray], rounds: int, runs: int,
+                   warmup: int) -> list[list[float]]:
+    """Per session, the median milliseconds of each round. Within a round each session runs one
+    untimed run and then ``runs`` timed ones: the first run after another session's is slower (the
+    other session's threads still spin, caches hold its tensors), which would penalise the faster
+    graph most; a deployed graph runs back to back. The order rotates from round to round."""
     for _ in range(warmup):
         for s in sessions:
             s.run(None, feed)
-    for _ in range(rounds):
-        for k, s in enumerate(sessions):
-            t = time.perf_counter()
-            s.run(None, feed)
-            times[k].append((time.perf_counter() - t) * 1000.0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    per_round: list[list[float]] = [[] for _ in sessions]
+    for r in range(rounds):
+        order = list(range(len(sessions)))
+        order = order[r % len(order):] + order[: r % len(order)]
+        for k in order:
+            sessions[k].run(None, feed)
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                sessions[k].run(None, feed)
+                times.append((time.perf_counter() - t) * 1000.0)
+            per_round[k].append(statistics.median(times))
+    return per_round
+
+
+def measure_latency(fp32_path: Path, int8_path: Path, feed: dict[str, np.ndarray], *, threads: int = 2,
+                    rounds: int = 8, runs: int = 5, warmup: int = 2) -> tuple[float, float]:
+    """Median milliseconds of (INT8, FP32) on onnxruntime's CPU provider with the runtime's session
+    options, timed in alternating rounds so that a change of machine speed affects both alike."""
+    int8, fp32 = _round_medians(_sessions([int8_path, fp32_path], threads), feed, rounds, runs, warmup)
+    return statistics.median(int8), statistics.median(fp32)
+
+
+def paired_latency_ratios(fp32_path: Path, graphs: Sequence[Path], feed: dict[str, np.ndarray], *,
+                          threads: int = 2, rounds: int = 10, runs: int = 5, warmup: int = 2) -> list[float]:
+    """Each graph's latency over FP32's, all timed in one run: a graph's ratio is the median over
+    rounds of its round median over FP32's round median, so drift between rounds cancels."""
+    per_round = _round_medians(_sessions([fp32_path, *graphs], threads), feed, rounds, runs, warmup)
+    base = per_round[0]
+    return [statistics.median(t / b for t, b in zip(per_round[k], base)) for k in range(1, len(per_round))]
 
 
 @dataclass

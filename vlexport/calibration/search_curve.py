@@ -44,7 +44,9 @@ def plot_search(gate: dict[str, Any], path: str | os.PathLike, title: str = "") 
     ax = fig.subplots()
     ax.plot(xs, ys, "o", color="tab:blue", label="explored INT8 points")
     for r, x, y in zip(rounds, xs, ys):
-        ax.annotate(f"r{r['round']}: {r.get('excluded_groups', r.get('excluded_nodes', 0))} float", (x, y),
+        # The points within budget were timed again side by side: that ratio decided the choice.
+        paired = f", {float(r['paired_latency_ratio']):.3f}x paired" if r.get("paired_latency_ratio") else ""
+        ax.annotate(f"r{r['round']}: {r.get('excluded_groups', r.get('excluded_nodes', 0))} float{paired}", (x, y),
                     textcoords="offset points", xytext=(5, 4), fontsize=8)
     chosen = [(x, y) for r, x, y in zip(rounds, xs, ys) if r.get("chosen")]
     if chosen:

@@ -30,6 +30,8 @@ def print_export_report(report: Any) -> None:
         label = _METRIC_LABELS.get(r.get("metric", "map50_95"), r.get("metric", ""))
         value = r.get("int8_metric", r.get("int8_map50_95"))
         latency = f", {r['latency_ratio']:.2f}x FP32 latency" if r.get("latency_ratio") else ""
+        if r.get("paired_latency_ratio"):
+            latency += f" ({r['paired_latency_ratio']:.3f}x side by side)"
         click.echo(f"  search round {r['round']}: {r.get('excluded_groups', '-')} layer(s), {r['excluded_nodes']} "
                    f"node(s) float, INT8 {label} {100 * value:.2f} (drop {r['drop_points']:.2f} points){latency}"
                    + ("  <- chosen" if r.get("chosen") else ""))

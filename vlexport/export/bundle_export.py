@@ -333,10 +333,42 @@ def write_bundle(plan: ExportPlan, out: str | Path, *, precision: PrecisionOptio
                 manifest.validation.extra["gate"] = {"data": prec.val, "max_drop": prec.max_drop,
                                                      "target": prec.int8_target, "rounds": gate_rounds,
                                                      **(next(iter(search_info.values())) if search_info else {})}
+        if prec.int8 and prec.int8_target == "cpu" and plan.frame_to_tensor is None:
+            pixel = _pixel_inputs(plan, parts_manifest, writer, extra.get("int8", {}))
+            if pixel and manifest.calibration is not None:
+                manifest.calibration.extra["pixel_inputs"] = pixel
         path = writer.commit(manifest)
     files_written = sorted(p.name for p in path.iterdir())
     return ExportReport(path=path, parity=parity, files=files_written, seconds=time.perf_counter() - t0,
                         metrics=metrics, gate=gate_rounds, refused=refused, fp16=extra.get("fp16", {}))
+
+
+def _pixel_inputs(plan: ExportPlan, parts_manifest: dict[str, Any], writer: BundleWriter,
+                  int8_info: dict[str, Any]) -> dict[str, Any]:
+    """The cpu target's INT8 graphs take the letterboxed uint8 pixels where their first
+    QuantizeLinear gives back exactly those (:func:`~vlexport.calibration.pixel_input.pixel_input`).
+    Done last: the parity checks, the gate and the search ran the float-input graph, whose
+    results are the same. Returns {part: {input: its quantisation}} for the manifest."""
+    from vlexport.calibration.pixel_input import pixel_input
+    from vlexport.runtime.preprocess import Preprocessor
+
+    step = Preprocessor(plan.preprocess).pixel_step
+    parts = {p.name: p for p in plan.parts}
+    done: dict[str, Any] = {}
+    if step is None:
+        return done
+    for name in int8_info:
+        rel = parts_manifest[name]["files"].get("int8")
+        part = parts[name]
+        if rel is None or part.calib_from is not None or "images" not in part.input_names:
+            continue
+        model = onnx.load(str(writer.path(rel)))
+        record = pixel_input(model, "images", step)
+        if record is not None:
+            onnx.save(model, str(writer.path(rel)))
+            done[name] = {"images": record}
+            log.info("%s/int8 takes uint8 pixels (its input quantisation is the pixel step %.6g)", name, step)
+    return done
 
 
 def _violation_key(problem: str, files: dict[str, dict[str, Any]]) -> str | None:

@@ -66,10 +66,14 @@ def describe_bundle(bundle: Bundle, *, verified: bool = False) -> str:
         ins = ", ".join(_tensor(s) for s in part.io.inputs)
         outs = ", ".join(_tensor(s) for s in part.io.outputs)
         lines.append(f"  {name}: {ins} → {outs}")
+        calibration = m.calibration
+        pixels = ((calibration.extra.get("pixel_inputs") or {}).get(name, {}) if calibration is not None else {})
         for prec, rel in part.files.items():
             path = bundle.path_of(rel)
             size = _fmt_size(path.stat().st_size) if path.is_file() else "MISSING"
-            lines.append(f"    {prec:<5} {rel} ({size})")
+            takes = (f", takes {', '.join(pixels)} as uint8 pixels (scale {next(iter(pixels.values()))['scale']:.6g})"
+                     if prec == "int8" and pixels else "")
+            lines.append(f"    {prec:<5} {rel} ({size}{takes})")
         for key, eng in part.engines.items():
             lines.append(f"    engine {key}: {eng.to_dict()}")
     validation = m.validation or ValidationRecord()

@@ -127,7 +127,9 @@ def scale_boxes_to_source(boxes: np.ndarray, info: LetterboxInfo) -> np.ndarray:
 class Preprocessor:
     """Turns BGR uint8 frames into the model's input tensor, following a manifest ``preprocess`` dict.
 
-    ``tensor = ((letterbox(image) in RGB) * scale - mean) / std``, laid out NCHW float32.
+    ``tensor = ((letterbox(image) in RGB) * scale - mean) / std``, laid out NCHW float32; or,
+    after :meth:`emit_pixels`, the letterboxed pixels themselves as uint8 (for a graph whose input
+    is the pixels' integer codes: the cpu target's INT8 graph).
     """
 
     def __init__(self, cfg: dict[str, Any]):
@@ -159,10 +161,23 @@ class Preprocessor:
         self._uniform_a = bool(np.all(self._a == self._a[0]))
         self._has_b = bool(np.any(self._b != 0))
         self._pad = (self.pad_value * self._a + self._b).astype(np.float32)  # value of a padded pixel
+        self.dtype: type = np.float32
+
+    @property
+    def pixel_step(self) -> float | None:
+        """The tensor's value per pixel step when the normalisation is that one factor (no mean,
+        one std for all channels), else None: only then can a graph take the pixels instead."""
+        return float(self._a[0, 0, 0]) if self._uniform_a and not self._has_b else None
+
+    def emit_pixels(self) -> None:
+        """Produce uint8 pixels (letterboxed, in the model's colour order, NCHW) from now on."""
+        if self.pixel_step is None:
+            raise UsageError("this pre-processing subtracts a mean or scales channels apart: it has no pixel form")
+        self.dtype = np.uint8
 
     def __call__(self, bgr: np.ndarray) -> tuple[np.ndarray, LetterboxInfo]:
-        """One frame → (tensor ``[1, 3, H, W]`` float32 C-contiguous, letterbox info)."""
-        out = np.empty((1, 3, *self.size), dtype=np.float32)
+        """One frame → (tensor ``[1, 3, H, W]`` float32 (or uint8 pixels) C-contiguous, letterbox info)."""
+        out = np.empty((1, 3, *self.size), dtype=self.dtype)
         info = self._into(bgr, out[0])
         return out, info
 
@@ -170,7 +185,7 @@ class Preprocessor:
         """Several frames → (tensor ``[N, 3, H, W]``, one info per frame)."""
         if len(images) == 0:
             raise UsageError("batch: got an empty list of images")
-        out = np.empty((len(images), 3, *self.size), dtype=np.float32)
+        out = np.empty((len(images), 3, *self.size), dtype=self.dtype)
         infos = [self._into(img, out[i]) for i, img in enumerate(images)]
         return out, infos
 
@@ -183,13 +198,17 @@ class Preprocessor:
             img = cv2.resize(bgr, info.resized, interpolation=cv2.INTER_LINEAR)
         # Only the image area is converted; the padding is a constant fill (cheaper than padding
         # the uint8 image first and converting every pixel).
+        pixels = dst.dtype == np.uint8
         if top or bottom or left or right:
-            dst[...] = self._pad
+            dst[...] = self.pad_value if pixels else self._pad
         nh, nw = info.resized[1], info.resized[0]
         region = dst[:, top : top + nh, left : left + nw]
         chw = img.transpose(2, 0, 1)  # a view: HWC -> CHW
         if self.color == "RGB":
             chw = chw[::-1]  # a view: BGR -> RGB
+        if pixels:  # the graph normalises: one strided copy, no float conversion
+            np.copyto(region, chw)
+            return info
         # One pass: uint8 -> float32, scaled, written straight into the output tensor.
         if self._uniform_a:
             np.multiply(chw, self._a[0, 0, 0], out=region, dtype=np.float32, casting="unsafe")

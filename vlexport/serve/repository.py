@@ -227,6 +227,12 @@ def _ensemble_models(bundle: Bundle, name: str, opts: dict[str, Any]) -> list[Mo
     batched = mb > 0
     io = bundle.part(part).io
     part_in, part_out = _tensor_defs(io.inputs, batched), _tensor_defs(io.outputs, batched)
+    # The cpu target's INT8 graph takes uint8 pixels: the preprocessing stage then emits them.
+    calibration = bundle.meta.calibration
+    pixels = (platform == "onnxruntime_onnx" and rel == bundle.part(part).files.get("int8") and calibration is not None
+              and part in (calibration.extra.get("pixel_inputs") or {}))
+    if pixels:
+        part_in = [TensorDef(t.name, "TYPE_UINT8", t.dims) if t.name == "images" else t for t in part_in]
     lead = () if batched else (1,)
     image = TensorDef(INPUTS[0].name, INPUTS[0].data_type, lead + INPUTS[0].dims)
     geometry = TensorDef(GEOMETRY, "TYPE_FP64", lead + (7,))
@@ -241,7 +247,8 @@ def _ensemble_models(bundle: Bundle, name: str, opts: dict[str, Any]) -> list[Mo
     stage_py = (_HERE / "stage_model.py", "model.py")
     models = []
     pre_cfg = cfg.python_config(names["preprocess"], [image], [*part_in, geometry],
-                                parameters={"stage": "preprocess", "part": part}, **common)
+                                parameters={"stage": "preprocess", "part": part, **({"pixels": "1"} if pixels else {})},
+                                **common)
     models.append(ModelEntry(names["preprocess"], "python", [image], [*part_in, geometry], mb, cfg.render(pre_cfg),
                              bundle.root, [stage_py, *small]))
     filename = Path(rel).name

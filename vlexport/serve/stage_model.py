@@ -68,13 +68,15 @@ def open_stage_bundle(folder: str | Path) -> Any:
 class Stages:
     """The pre- and post-processing of one single-pass letterbox bundle, with the runtime's code."""
 
-    def __init__(self, bundle: Any, part: str):
+    def __init__(self, bundle: Any, part: str, pixels: bool = False):
         from vlexport.runtime.preprocess import Preprocessor
 
         self.bundle = bundle
         self.part = part
         self.task = bundle.task
         self.preprocessor = Preprocessor(bundle.preprocess)
+        if pixels:  # the served graph takes uint8 pixels (the cpu target's INT8 graph)
+            self.preprocessor.emit_pixels()
         if self.task == "detect":
             from vlexport.runtime.tasks.detect import _postprocess_settings
 
@@ -130,7 +132,7 @@ class TritonPythonModel:
         self.batched = int(config.get("max_batch_size", 0)) > 0
         try:
             bundle = open_stage_bundle(Path(__file__).resolve().parent / "bundle")
-            self.stages = Stages(bundle, params.get("part", ""))
+            self.stages = Stages(bundle, params.get("part", ""), pixels=params.get("pixels") == "1")
         except VlexportError as e:
             raise RuntimeError(f"model {config.get('name')!r} cannot load its bundle: {e}") from None
 

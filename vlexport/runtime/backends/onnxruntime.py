@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,12 @@ from vlexport.errors import DependencyError, UsageError
 from vlexport.runtime.backends.base import Backend
 from vlexport.runtime.spec import TensorSpec
 
-__all__ = ["OrtBackend", "available_providers", "provider_report", "import_ort"]
+__all__ = ["OrtBackend", "available_providers", "provider_report", "import_ort", "QUANTIZED_INPUTS_KEY",
+           "quantize_feed"]
+
+#: Model metadata key: JSON ``{input name: {"scale", "zero_point"}}`` of the uint8 inputs that stand
+#: for a float tensor (the cpu target's pixel input, :mod:`vlexport.calibration.pixel_input`).
+QUANTIZED_INPUTS_KEY = "vlexport.quantized_inputs"
 
 TRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -135,6 +141,15 @@ def has_accelerator() -> bool:
     return any(p != CPU_EP for p in available_providers())
 
 
+def quantize_feed(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """A float tensor as the uint8 codes of ``scale``/``zero_point``, rounded as QuantizeLinear
+    rounds (half to even) and saturated."""
+    codes = np.rint(np.asarray(x, dtype=np.float32) / np.float32(scale))
+    if zero_point:
+        codes += zero_point
+    return np.clip(codes, 0, 255).astype(np.uint8)
+
+
 # -- backend ---------------------------------------------------------------------------------
 class OrtBackend(Backend):
     """An onnxruntime ``InferenceSession`` behind the :class:`Backend` interface.
@@ -142,6 +157,9 @@ class OrtBackend(Backend):
     ``providers`` defaults to :func:`available_providers`; ``threads`` sets the intra-op thread
     count (inter-op is then 1: our graphs are a single chain). :attr:`providers` reports what the
     session actually uses, which can be less than asked when a provider fails to initialise.
+
+    A uint8 input the graph's metadata marks as quantised (:attr:`quantized_inputs`) also takes
+    the float tensor it stands for: the backend quantises it (the uint8 codes are the fast path).
     """
 
     name = "onnxruntime"
@@ -182,10 +200,26 @@ class OrtBackend(Backend):
         self._inputs = [_spec_from_ort(a, self.path) for a in self._session.get_inputs()]
         self._outputs = [_spec_from_ort(a, self.path) for a in self._session.get_outputs()]
         self._output_names = [s.name for s in self._outputs]
+        meta = self._session.get_modelmeta().custom_metadata_map or {}
+        try:
+            quantized = json.loads(meta.get(QUANTIZED_INPUTS_KEY, "{}"))
+            #: Input name → (scale, zero point) of the uint8 inputs that stand for float tensors.
+            self.quantized_inputs: dict[str, tuple[float, int]] = {
+                k: (float(v["scale"]), int(v["zero_point"])) for k, v in quantized.items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{self.path}: unreadable {QUANTIZED_INPUTS_KEY} metadata: {e}") from e
 
     @property
     def device(self) -> str:
         return self.providers[0] if self.providers else "closed"
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """As :meth:`Backend.infer`; a float feed of a quantised uint8 input is quantised first."""
+        if self.quantized_inputs and isinstance(feeds, dict):
+            feeds = {k: (quantize_feed(v, *self.quantized_inputs[k])
+                         if k in self.quantized_inputs and isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+                     for k, v in feeds.items()}
+        return super().infer(feeds)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:

@@ -99,6 +99,7 @@ class PartTask:
         except BaseException:
             self.backend.close()
             raise
+        self._feed_pixels()
         spec = self._input_spec(self.input_name)
         # A graph exported with a fixed batch of N takes the frames N at a time; a TensorRT engine
         # takes at most its optimisation profile's max batch.
@@ -110,6 +111,16 @@ class PartTask:
     def _setup_preprocessing(self, where: str) -> None:
         """The frame pre-processing from the manifest (letterbox; tasks with other inputs override)."""
         self.preprocessor = Preprocessor(self.bundle.preprocess)
+
+    def _feed_pixels(self) -> None:
+        """Feed uint8 pixels when the graph's image input is their integer codes (the cpu target's
+        INT8 graph): the frame is then copied, not converted to float and quantised back."""
+        quantized = getattr(self.backend, "quantized_inputs", {}).get(self.input_name)
+        pre = getattr(self, "preprocessor", None)  # tasks with their own input handling have none
+        if (quantized is None or not isinstance(pre, Preprocessor) or pre.pixel_step is None
+                or quantized[1] != 0 or np.float32(quantized[0]) != np.float32(pre.pixel_step)):
+            return  # a float tensor: the backend quantises it when the graph wants codes
+        pre.emit_pixels()
 
     # -- checks ------------------------------------------------------------------------
     def _check_io(self, where: str) -> None:
