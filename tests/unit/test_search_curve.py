@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from vlexport.calibration.search_curve import plot_search
+from vlexport.calibration.search_curve import label_offsets, plot_search
 from vlexport.cli import cli
 from vlexport.errors import UsageError
 
@@ -57,3 +57,19 @@ def test_inspect_plot(tmp_path, tiny_bundle):
     assert r.exit_code == 0, r.output
     assert "wrote" in r.output
     _png(tmp_path / "curve.png")
+
+
+def test_labels_of_close_points_are_stacked_not_overprinted():
+    # Three points within a hundredth of each other and one far away (the shape of a YOLOv8n search).
+    xs, ys = [0.426, 0.430, 0.433, 0.60], [46.0, 46.01, 46.02, 46.5]
+    offsets = label_offsets(xs, ys)
+    spots = [(dx, dy) for dx, dy, _ in offsets[:3]]
+    assert len(set(spots)) == 3  # no two close labels in the same place
+    assert [dy for _, dy, _ in offsets[:3]] == sorted(dy for _, dy, _ in offsets[:3])
+    assert offsets[3][2] == "right" and offsets[3][0] < 0  # the rightmost label extends inwards
+    assert offsets[0][2] == "left"
+    far = label_offsets([0.40, 0.60], [44.0, 47.0])
+    assert far[0][1] == far[1][1]  # distant points keep the default height
+    assert label_offsets([], []) == []
+    # The FP32 point at 1.0x widens the axes: the INT8 points are then not at its right edge.
+    assert [ha for _, _, ha in label_offsets([0.40, 0.45], [46.0, 46.5], [(1.0, 47.0)])] == ["left", "left"]
