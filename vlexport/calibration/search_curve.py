@@ -43,7 +43,7 @@ def label_offsets(xs: list[float], ys: list[float],
     out = []
     for x, y in zip(xs, ys):
         nx, ny = (x - x0) / xspan, (y - y0) / yspan
-        right = len(all_x) > 1 and nx > 0.75
+        right = nx > 0.75  # a lone point has nx == 0
         left_edge = nx - _LABEL_W if right else nx
         lift = 0
         while any(left_edge < r and left_edge + _LABEL_W > le and ny + lift * _LABEL_H < t
@@ -91,9 +91,9 @@ def plot_search(gate: dict[str, Any], path: str | os.PathLike, title: str = "") 
     chosen = [(x, y) for r, x, y in zip(rounds, xs, ys) if r.get("chosen")]
     if chosen:
         ax.plot(*zip(*chosen), "*", color="tab:red", markersize=16, label="chosen")
+    if fp32_point:
+        ax.plot(*zip(*fp32_point), "s", color="tab:gray", label="FP32")
     if fp32 is not None:
-        if timed:
-            ax.plot([1.0], [100.0 * fp32], "s", color="tab:gray", label="FP32")
         budget = 100.0 * fp32 - float(gate.get("max_drop", 0.0))
         ax.axhline(budget, linestyle="--", color="tab:orange", label=f"budget (FP32 - {gate.get('max_drop', 0)})")
     measured = all(r.get("latency_measured") for r in rounds)
